@@ -1,0 +1,194 @@
+"""One self-describing ``.safetensors`` file per controller.
+
+Tensors hold the weights; the safetensors metadata holds one JSON document (key ``metalr``) with the
+format version, architecture, feature spec, policy (LR bounds, base schedule, guardrail) and provenance.
+:func:`load_controller` needs nothing but that file, and loading never unpickles: the safetensors format is
+a JSON header plus raw little-endian buffers, so a crafted file cannot execute code. The metadata and every
+tensor name and shape are validated before any weight is used. Writes are atomic (temporary file in the
+same directory, fsync, rename), so a crash never leaves a torn checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from metalr.controller import ArchConfig, LRController, PolicyConfig
+from metalr.features import FeatureSpec
+from metalr.io import atomic_write
+
+FORMAT_VERSION = 1
+METADATA_KEY = "metalr"
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+_MAX_METADATA_BYTES = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def shipped_checkpoint_dir() -> Path:
+    """Where ``load_controller(name)`` looks for named controllers (``$METALR_CHECKPOINTS`` overrides)."""
+    env = os.environ.get("METALR_CHECKPOINTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def list_shipped() -> list[str]:
+    directory = shipped_checkpoint_dir()
+    return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+
+
+def git_commit() -> str | None:
+    """The git commit of the source tree, when it is a checkout (provenance only)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def save_controller(controller: LRController, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``controller`` to ``path`` (a ``.safetensors`` file), atomically.
+
+    Args:
+        controller: the controller to save (its weights are stored as float32).
+        path: destination; must end in ``.safetensors``.
+        provenance: free-form JSON-serialisable facts (recipe, task suite, meta-steps, ...). The package
+            version and git commit are added.
+    """
+    from metalr import __version__
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: controller checkpoints must end in .safetensors")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        **controller.describe(),
+        "provenance": {"metalr_version": __version__, "git_commit": git_commit(), **(provenance or {})},
+    }
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in controller.net.state_dict().items()}
+    header = json.dumps(meta, sort_keys=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
+    return path
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike[str]) -> Path:
+    """A path to an existing file, or the name of a shipped controller."""
+    candidate = Path(path_or_name)
+    if candidate.is_file():
+        return candidate
+    named = shipped_checkpoint_dir() / f"{path_or_name}.safetensors"
+    if named.is_file():
+        return named
+    shipped = list_shipped()
+    raise CheckpointError(
+        f"no controller checkpoint at {str(path_or_name)!r}: not a file, and not a shipped name "
+        f"(shipped: {', '.join(shipped) if shipped else 'none'})"
+    )
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read and validate the JSON metadata of a checkpoint without touching its tensors."""
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refusing a {path.suffix} file - pickle-based checkpoints can execute code on load; "
+            "metalr loads only .safetensors controllers"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata; not a metalr controller")
+    if len(raw) > _MAX_METADATA_BYTES:
+        raise CheckpointError(f"{path}: metadata is {len(raw)} bytes, more than the {_MAX_METADATA_BYTES} allowed")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format_version {version!r}; this metalr reads version {FORMAT_VERSION}"
+        )
+    for key, kind in (("architecture", dict), ("feature_spec", dict), ("policy", dict), ("provenance", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: metadata field '{key}' missing or not a {kind.__name__}")
+    return meta
+
+
+def _typed_config(cls: type, data: dict[str, Any], what: str) -> Any:
+    allowed = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; expected {sorted(allowed)}")
+    converted: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, tuple)):
+            raise ValueError(f"{what} field '{key}' has unsupported value {value!r}")
+        converted[key] = value
+    return cls(**converted)
+
+
+def controller_from_metadata(meta: dict[str, Any]) -> LRController:
+    """Build an (untrained) controller exactly as described by checkpoint metadata."""
+    arch_data = dict(meta["architecture"])
+    input_dim = arch_data.pop("input_dim", None)
+    spec = FeatureSpec.from_dict(meta["feature_spec"])
+    if input_dim != spec.dim:
+        raise ValueError(f"architecture input_dim {input_dim} does not match the {spec.dim} features of the spec")
+    arch = _typed_config(ArchConfig, arch_data, "architecture")
+    policy = _typed_config(PolicyConfig, dict(meta["policy"]), "policy")
+    return LRController(spec, policy, arch)
+
+
+def load_controller(path_or_name: str | os.PathLike[str], device: str | torch.device = "cpu") -> LRController:
+    """Load a frozen controller from a ``.safetensors`` file or a shipped name.
+
+    Example:
+        >>> controller = load_controller("checkpoints/demo.safetensors")   # or load_controller("demo")
+
+    Raises:
+        CheckpointError: the file is missing, not safetensors, corrupt, of an unknown format version, or
+            describes features/architecture this version cannot build, or its tensors do not match.
+    """
+    path = resolve_checkpoint(path_or_name)
+    meta = read_metadata(path)
+    try:
+        controller = controller_from_metadata(meta)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in controller.net.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+            if found != expected:
+                raise CheckpointError(
+                    f"{path}: tensors {found} do not match the architecture's expected shapes {expected}"
+                )
+            state = {k: handle.get_tensor(k) for k in expected}
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: corrupt tensor data ({err})") from None
+    for key, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor '{key}' contains NaN or inf")
+    controller.net.load_state_dict(state)
+    controller.provenance = dict(meta["provenance"])  # type: ignore[assignment]
+    controller.source_path = str(path)  # type: ignore[assignment]
+    return controller.to(device).eval().requires_grad_(False)

@@ -1,0 +1,274 @@
+"""Typed configuration: frozen dataclasses, YAML + ``key=value`` overrides, strict validation.
+
+Every field carries a comment with its meaning and unit. :func:`load_config` rejects unknown keys (naming
+the allowed ones) and wrong types (naming the expected type), strictly:
+so ``steps: "100"`` is an error rather than a silent coercion (ints are accepted where floats are
+expected, nothing else is converted). The resolved config is written into
+each run directory (:func:`dump_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from metalr.features import DEFAULT_GROUPS
+from metalr.io import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user's configuration is wrong; the message is one line naming the key and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    kind: str = "mlp"  # network: "mlp" (hidden [64, 32]) or "lstm" (recurrent, hidden [32])
+    hidden: tuple[int, ...] = (64, 32)  # hidden layer widths
+    features: tuple[str, ...] = DEFAULT_GROUPS  # feature groups the controller reads (ablation switches)
+    base_schedule: str = "constant"  # schedule the learned factor multiplies: "constant" | "cosine"
+    min_lr: float = 1e-6  # absolute lower LR bound
+    max_lr: float = 1.0  # absolute upper LR bound
+    min_factor: float = 1e-4  # lower bound of the learned multiplier of the base LR
+    max_factor: float = 100.0  # upper bound of the learned multiplier
+    max_log_step: float = 0.1  # largest change of log LR per step
+    guard_ratio: float = 5.0  # loss > guard_ratio x its slow EMA counts as divergence
+    guard_cut: float = 10.0  # divergence guardrail divides the LR by this at once (1 = off)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    estimator: str = "tbptt"  # gradient estimator (see `metalr.meta.estimators.ESTIMATORS`)
+    backend: str = "native"  # unroll implementation for backprop estimators: "native" | "higher"
+    meta_steps: int = 200  # outer (controller) updates
+    meta_batch: int = 4  # inner tasks trained in parallel, one truncation each per meta-step
+    unroll_length: int = 20  # truncation length K in inner steps
+    meta_lr: float = 1e-3  # Adam learning rate of the controller
+    meta_grad_clip: float = 1.0  # global-norm clip of the meta-gradient
+    detach_features: bool = False  # stop meta-gradients through controller inputs (cheaper, biased)
+    objective_every: int = 1  # measure the outer-valid loss every N inner steps
+    valid_batch_size: int = 128  # outer-valid examples per meta-objective measurement
+    max_skip_fraction: float = 0.5  # stop when more than this fraction of truncations was non-finite
+    checkpoint_every: int = 50  # meta-steps between periodic checkpoints (0 = only the final one)
+    log_every: int = 10  # meta-steps between metrics.jsonl records
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainConfig:
+    name: str = "controller"  # run and checkpoint name
+    suite: str = "embedded"  # task suite: a name in tasks/ or a path to a YAML suite
+    seed: int = 0  # seeds the task sampler, the controller initialisation and the data order
+    device: str = "cpu"  # where inner loops run: "cpu" | "cuda"
+    out_dir: str = "runs"  # parent of the run directory
+    controller: ControllerConfig = ControllerConfig()
+    meta: MetaConfig = MetaConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyEntry:
+    family: str  # registered task-family name
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # sampling/family overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    name: str  # suite name
+    description: str = ""  # one line
+    device: str = "cpu"  # "cpu" or "cuda" (gpu suites need --device cuda)
+    meta_train: tuple[FamilyEntry, ...] = ()  # families the controller is meta-trained on
+    meta_valid: tuple[FamilyEntry, ...] = ()  # held-out families of the meta-train suite (model selection)
+    held_out: tuple[FamilyEntry, ...] = ()  # families for transfer evaluation only
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+_SCALARS: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against ``tp`` strictly and build nested dataclasses; unknown keys are errors."""
+    origin = get_origin(tp)
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where or 'config'}: expected a mapping with keys {sorted(_field_types(tp))}, got {value!r}")
+        hints = _field_types(tp)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys: {', '.join(sorted(hints))}")
+        kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where or 'config'}: {err}") from None
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    allowed = _SCALARS.get(tp)
+    if allowed is not None:
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, allowed):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return float(value) if tp is float else value
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
+
+
+def _family_entries(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of family names or {{family: NAME, ...overrides}}, got {value!r}")
+    entries = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            entries.append({"family": item, "overrides": {}})
+        elif isinstance(item, dict) and isinstance(item.get("family"), str):
+            entries.append({"family": item["family"], "overrides": {k: v for k, v in item.items() if k != "family"}})
+        else:
+            raise ConfigError(f"{where}[{i}]: expected a family name or a mapping with a 'family' key, got {item!r}")
+    return tuple(entries)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["meta.meta_steps=50", "seed=1"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. meta.meta_steps=50)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML") from None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Validate ``data`` against the dataclass ``cls`` (strict types, no unknown keys)."""
+    try:
+        return _convert(data, cls, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load ``cls`` from a YAML file plus ``key=value`` overrides.
+
+    Example:
+        >>> cfg = load_config(MetaTrainConfig, "meta_train/demo.yaml", ["meta.meta_steps=10"])
+    """
+    data = read_yaml(path) if path is not None else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return build_config(cls, data, str(path) if path else "config")
+
+
+def resolve_suite_path(name_or_path: str) -> Path:
+    """A suite YAML path, or a name in the repository's ``tasks/`` folder."""
+    candidate = Path(name_or_path)
+    if candidate.is_file():
+        return candidate
+    named = ROOT / "tasks" / f"{name_or_path}.yaml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in (ROOT / "tasks").glob("*.yaml"))
+    raise ConfigError(f"task suite {name_or_path!r} is neither a file nor one of: {', '.join(available)}")
+
+
+def load_suite(name_or_path: str) -> SuiteConfig:
+    """Read a task suite and check that every family it names exists and takes its overrides."""
+    path = resolve_suite_path(name_or_path)
+    data = read_yaml(path)
+    for key in ("meta_train", "meta_valid", "held_out"):
+        if key in data:
+            data[key] = [dict(e) for e in _family_entries(data[key], f"{path}: {key}")]
+    suite = build_config(SuiteConfig, data, str(path))
+    from metalr.tasks import create_task_family
+
+    for entry in (*suite.meta_train, *suite.meta_valid, *suite.held_out):
+        try:
+            create_task_family(entry.family, **entry.overrides)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(f"{path}: {err.args[0] if err.args else err}") from None
+    return suite
+
+
+def to_plain(config: Any) -> Any:
+    """Dataclass -> YAML-friendly plain data (tuples become lists)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_plain(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_plain(v) for k, v in config.items()}
+    return config
+
+
+def dump_config(config: Any, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_plain(config), sort_keys=False))

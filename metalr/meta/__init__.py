@@ -1,0 +1,1 @@
+"""Meta-training: differentiable inner unrolls, gradient estimators, the outer loop."""

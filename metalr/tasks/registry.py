@@ -1,0 +1,72 @@
+"""Registry of task families: ``@register_task_family``, ``create_task_family``, ``list_task_families``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from metalr.tasks.base import SamplingConfig, Task, TaskFamily, TaskSpec
+
+_FAMILIES: dict[str, Callable[..., TaskFamily]] = {}
+F = TypeVar("F", bound=Callable[..., TaskFamily])
+
+
+def register_task_family(name: str) -> Callable[[F], F]:
+    """Register a family factory under ``name`` (its keyword arguments are the suite-level overrides)."""
+
+    def decorator(factory: F) -> F:
+        if name in _FAMILIES:
+            raise ValueError(f"task family {name!r} is registered twice")
+        _FAMILIES[name] = factory
+        return factory
+
+    return decorator
+
+
+def _ensure_loaded() -> None:
+    # Importing the family modules registers them; kept lazy so `import metalr` stays light.
+    import metalr.tasks.embedded  # noqa: F401
+
+    try:
+        import metalr.tasks.real  # noqa: F401
+    except ImportError:  # optional extras (datasets, transformers) missing
+        pass
+
+
+def list_task_families() -> list[str]:
+    _ensure_loaded()
+    return sorted(_FAMILIES)
+
+
+def create_task_family(name: str, **overrides: Any) -> TaskFamily:
+    """Instantiate a registered family; ``overrides`` set its sampling ranges (``steps=[100, 500]``, ...).
+
+    Raises:
+        KeyError: unknown name (the message lists the registered ones).
+        ValueError: an override the family does not take.
+    """
+    _ensure_loaded()
+    if name not in _FAMILIES:
+        raise KeyError(f"unknown task family {name!r}; registered families: {', '.join(sorted(_FAMILIES))}")
+    sampling_fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    sampling = {k: v for k, v in overrides.items() if k in sampling_fields}
+    own = {k: v for k, v in overrides.items() if k not in sampling_fields}
+    if sampling:
+        for key in ("optimizers", "batch_sizes", "steps"):
+            if key in sampling:
+                sampling[key] = tuple(sampling[key])
+        if "lr_ranges" in sampling:
+            sampling["lr_ranges"] = {k: tuple(v) for k, v in dict(sampling["lr_ranges"]).items()}
+        own["sampling"] = SamplingConfig(**sampling)
+    try:
+        return _FAMILIES[name](**own)
+    except TypeError as err:
+        raise ValueError(
+            f"task family {name!r} does not take {sorted(own)} ({err}); sampling overrides: {sorted(sampling_fields)}"
+        ) from None
+
+
+def build_task(spec: TaskSpec, device: str = "cpu") -> Task:
+    """Build the task a spec describes (on ``device``)."""
+    return create_task_family(spec.family).build(spec).to(device)
