@@ -272,3 +272,64 @@ def to_plain(config: Any) -> Any:
 
 def dump_config(config: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_plain(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation suites (evaluate/*.yaml)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+    method: str  # registered method name (`metalr methods list`)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # hyperparameters of the method
+    label: str = ""  # name in reports (default: the method name)
+
+    @property
+    def display(self) -> str:
+        return self.label or self.method
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    name: str = "evaluation"  # report title
+    suite: str = "embedded"  # task suite (name in tasks/ or a YAML path)
+    split: str = "held_out"  # which family list of the suite to evaluate: held_out | meta_valid | meta_train
+    tasks_per_family: int = 2  # held-out tasks sampled per family (fixed before any result is seen)
+    task_seed: int = 1234  # seed of that sampling
+    seeds: int = 3  # training seeds per (task, method)
+    methods: tuple[MethodEntry, ...] = (MethodEntry("learned"), MethodEntry("constant"), MethodEntry("cosine"))
+    eval_every: int = 25  # optimizer steps between inner_valid evaluations (learning curves, plateau)
+    device: str = "cpu"  # "cpu" | "cuda"
+
+
+def _method_entries(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of method names or {{method: NAME, ...options}}, got {value!r}")
+    entries = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            entries.append({"method": item})
+        elif isinstance(item, dict) and isinstance(item.get("method"), str):
+            options = {k: v for k, v in item.items() if k not in ("method", "label")}
+            entries.append({"method": item["method"], "options": options, "label": item.get("label", "")})
+        else:
+            raise ConfigError(f"{where}[{i}]: expected a method name or a mapping with a 'method' key, got {item!r}")
+    return entries
+
+
+def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+    """Read an evaluation suite; every method it names must be registered and take its options."""
+    data = _merge(read_yaml(path), parse_overrides(overrides or []))
+    if "methods" in data:
+        data["methods"] = _method_entries(data["methods"], f"{path}: methods")
+    config = build_config(EvalConfig, data, str(path))
+    if config.split not in ("held_out", "meta_valid", "meta_train"):
+        raise ConfigError(f"{path}: split must be held_out, meta_valid or meta_train, got {config.split!r}")
+    from metalr.methods import create_method
+
+    for entry in config.methods:
+        try:
+            create_method(entry.method, **entry.options)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"{path}: {err.args[0]}") from None
+    return config

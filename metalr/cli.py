@@ -1,0 +1,213 @@
+"""``metalr`` command line: parse, build, call. User errors end with exit code 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from metalr.checkpoint import CheckpointError
+from metalr.config import ROOT, ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (printed as one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        self.exit(2, f"metalr: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _fresh_dir(path: Path, resume: bool) -> Path:
+    if path.exists() and any(path.iterdir()) and not resume:
+        raise UserError(f"output directory {path} is not empty; choose another --out or pass --resume")
+    return path
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from metalr.config import MetaTrainConfig, load_config
+    from metalr.meta.trainer import meta_train
+
+    config = load_config(MetaTrainConfig, args.recipe, args.overrides)
+    from metalr.config import load_suite
+
+    load_suite(config.suite)  # validate before creating anything on disk
+    out = Path(args.out) if args.out else Path(config.out_dir) / config.name
+    _fresh_dir(out, args.resume)
+    meta_train(config, out, progress=not args.no_progress)
+    print(f"controller written to {out / 'final.safetensors'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from metalr.config import load_eval_config
+    from metalr.evaluation import evaluate_suite
+
+    config = load_eval_config(args.suite, args.overrides)
+    if args.seeds is not None:
+        if args.seeds <= 0:
+            raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
+        config = config.__class__(**{**config.__dict__, "seeds": args.seeds})
+    if args.controller is not None:
+        from metalr.checkpoint import load_controller
+
+        load_controller(args.controller)  # fail before any run starts
+    out = Path(args.out)
+    workers = args.workers or os.cpu_count() or 1
+    if workers <= 0:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    summary = evaluate_suite(
+        config,
+        controller=args.controller,
+        out_dir=out,
+        workers=workers,
+        backend=args.backend,
+        address=args.address,
+        progress=not args.no_progress,
+    )
+    print(summary)
+    print(f"\nreport: {out / 'report.md'} (and report.html); records: {out / 'results.jsonl'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from metalr.evaluation import render_report
+
+    directory = Path(args.run_dir)
+    if not (directory / "results.jsonl").is_file():
+        raise UserError(f"{directory} has no results.jsonl; point `metalr report` at an evaluation output directory")
+    print(render_report(directory))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from metalr.demo import run_demo
+
+    out = Path(args.out)
+    if out.exists() and not args.resume:
+        shutil.rmtree(out)
+    print(run_demo(out, quick=args.quick, progress=not args.no_progress, workers=args.workers))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from metalr.tasks import create_task_family, list_task_families
+
+    if args.action == "list":
+        rows = [("family", "dataset", "model", "budget")]
+        for name in list_task_families():
+            family = create_task_family(name)
+            rows.append((name, family.dataset, family.model, family.budget))
+        _print_table(rows)
+        return 0
+    if not args.name:
+        raise UserError("`metalr tasks show` needs a family name (see `metalr tasks list`)")
+    try:
+        family = create_task_family(args.name)
+    except KeyError as err:
+        raise UserError(err.args[0]) from None
+    if args.sample <= 0:
+        raise UserError(f"--sample must be a positive integer, got {args.sample}")
+    print(f"{args.name}: {family.description}\n  dataset: {family.dataset}\n  model: {family.model}\n  budget: {family.budget}")
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.sample):
+        print(json.dumps(family.sample(generator).to_dict(), sort_keys=True))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from metalr.methods import create_method, list_methods
+
+    rows = [("method", "tuning", "description", "source")]
+    for name in list_methods():
+        method = create_method(name)
+        rows.append((name, "LR grid" if method.tuned else "self-tuning", method.description, method.source))
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="metalr", description="Meta-learned learning-rate controllers for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("meta-train", help="meta-train a controller from a recipe (meta_train/*.yaml)")
+    p.add_argument("recipe", help="recipe YAML, e.g. meta_train/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. meta.meta_steps=50 seed=1")
+    p.add_argument("--out", help="run directory (default: <out_dir>/<name> from the recipe)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_meta_train)
+
+    p = sub.add_parser("evaluate", help="run held-out tasks x methods x seeds and write a report")
+    p.add_argument("suite", help="evaluation suite YAML, e.g. evaluate/embedded.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the suite")
+    p.add_argument("--controller", help="checkpoint path or shipped name for the 'learned' method")
+    p.add_argument("--seeds", type=int, help="training seeds per cell (overrides the suite)")
+    p.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all cores)")
+    p.add_argument("--out", required=True, help="output directory; re-running into it skips finished runs")
+    p.add_argument("--backend", choices=("process", "ray"), default="process", help="where runs execute")
+    p.add_argument("--address", help="Ray cluster address (with --backend ray; local when omitted)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="re-render report.md/report.html from a results.jsonl directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="meta-train a small controller on embedded tasks and evaluate it")
+    p.add_argument("--quick", action="store_true", help="about one minute instead of ten (used by the tests)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--resume", action="store_true", help="keep finished work in --out")
+    p.add_argument("--workers", type=int, default=0, help="evaluation worker processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tasks", help="list task families or show sampled specs")
+    p.add_argument("action", choices=("list", "show"))
+    p.add_argument("name", nargs="?", help="family name (for show)")
+    p.add_argument("--sample", type=int, default=3, help="specs to sample (for show)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (for show)")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("methods", help="list every LR method the harness can run")
+    p.add_argument("action", choices=("list",))
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UserError, *USER_ERRORS) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"metalr: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metalr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["ROOT", "main"]
