@@ -58,6 +58,37 @@ class MetaConfig:
     max_skip_fraction: float = 0.5  # stop when more than this fraction of truncations was non-finite
     checkpoint_every: int = 50  # meta-steps between periodic checkpoints (0 = only the final one)
     log_every: int = 10  # meta-steps between metrics.jsonl records
+    truncation: str = "constant"  # truncation-length schedule: "constant" | "log_uniform" | "curriculum"
+    min_unroll_length: int = 5  # shortest truncation of the log_uniform / curriculum schedules (inner steps)
+    curriculum_steps: int = 100  # meta-steps over which the curriculum grows K to unroll_length
+    max_full_horizon: int = 300  # estimator "full" refuses tasks with a longer horizon (inner steps)
+    es_sigma: float = 0.01  # ES/PES perturbation std of the controller weights
+    es_pairs: int = 4  # ES/PES antithetic perturbation pairs per task and truncation
+    valid_every: int = 10  # inner steps between inner_valid measurements (validation feature, if enabled)
+    memory_budget_mb: float = 0.0  # refuse a task whose unroll is estimated above this (MiB; 0 = no limit)
+    max_refused: int = 50  # stop when this many consecutive sampled tasks were refused by the memory budget
+    state_every: int = 10  # meta-steps between resume-state writes (crash safety; 0 = never)
+    probe_every: int = 0  # meta-steps between probe rollouts (LR traces, short-horizon-bias ratio; 0 = off)
+    probe_tasks: int = 2  # probe tasks (from meta_valid families, else meta_train), full horizon each
+    tensorboard: bool = False  # also log to TensorBoard (run_dir/tensorboard; needs the tensorboard extra)
+
+    def __post_init__(self) -> None:
+        positive = ("meta_steps", "meta_batch", "unroll_length", "objective_every", "valid_batch_size",
+                    "min_unroll_length", "curriculum_steps", "max_full_horizon", "es_pairs", "max_refused")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"meta.{name} must be a positive integer, got {value}")
+        for name in ("checkpoint_every", "log_every", "valid_every", "state_every", "probe_every", "probe_tasks"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"meta.{name} must be >= 0, got {value}")
+        if not self.es_sigma > 0:
+            raise ValueError(f"meta.es_sigma must be > 0, got {self.es_sigma}")
+        if not self.memory_budget_mb >= 0:
+            raise ValueError(f"meta.memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"meta.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +98,8 @@ class MetaTrainConfig:
     seed: int = 0  # seeds the task sampler, the controller initialisation and the data order
     device: str = "cpu"  # where inner loops run: "cpu" | "cuda"
     out_dir: str = "runs"  # parent of the run directory
+    # sampling overrides applied to every meta_train family of the suite (steps, lr_ranges, optimizers, ...)
+    train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     controller: ControllerConfig = ControllerConfig()
     meta: MetaConfig = MetaConfig()
 
@@ -289,17 +322,57 @@ class MethodEntry:
         return self.label or self.method
 
 
+# Default LR grids of the tuning protocol (issue 7, after AlgoPerf's external-tuning ruleset): 7 points at
+# half-decade spacing per optimizer family.
+DEFAULT_LR_GRID_RANGES: dict[str, tuple[float, float]] = {
+    "adam": (1e-4, 1e-1),
+    "adamw": (1e-4, 1e-1),
+    "sgd": (1e-3, 1.0),
+    "momentum": (1e-3, 1.0),
+}
+TARGET_RULES = ("reference", "best_baseline")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     name: str = "evaluation"  # report title
     suite: str = "embedded"  # task suite (name in tasks/ or a YAML path)
     split: str = "held_out"  # which family list of the suite to evaluate: held_out | meta_valid | meta_train
+    families: tuple[str, ...] = ()  # evaluate only these families of the split (empty = all of them)
     tasks_per_family: int = 2  # held-out tasks sampled per family (fixed before any result is seen)
     task_seed: int = 1234  # seed of that sampling
-    seeds: int = 3  # training seeds per (task, method)
+    max_steps: int = 0  # cap on every task's step budget before horizon scaling (0 = the sampled budget)
+    seeds: int = 3  # training seeds per (task, method, initial LR, horizon)
     methods: tuple[MethodEntry, ...] = (MethodEntry("learned"), MethodEntry("constant"), MethodEntry("cosine"))
-    eval_every: int = 25  # optimizer steps between inner_valid evaluations (learning curves, plateau)
+    eval_every: int = 25  # optimizer steps between inner_valid evaluations (learning curves, time-to-target)
     device: str = "cpu"  # "cpu" | "cuda"
+    tune: bool = True  # tuned methods run over the LR grid and report their best point; False = task default LRs
+    sensitivity: bool = True  # also run self-tuning methods over the LR grid (sensitivity curves; with tune)
+    lr_grid_points: int = 7  # grid points per optimizer family, log-spaced over lr_grid_ranges
+    lr_grid_ranges: dict[str, tuple[float, float]] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_LR_GRID_RANGES)
+    )  # optimizer -> (lowest, highest) initial LR of the grid; missing optimizers use the defaults
+    lr_grid: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # optimizer -> explicit grid (wins over ranges)
+    reference: str = "cosine"  # method label that defines targets and speed-ups ("tuned cosine" in issue 7)
+    target: str = "reference"  # target per task: "reference" (its median final valid loss) | "best_baseline"
+    horizon_scales: tuple[float, ...] = (0.5, 2.0)  # extra step budgets (x the 1x budget) for horizon transfer
+    horizon_retune: bool = False  # re-run the LR grid at every horizon (True) or reuse the LR tuned at 1x
+    profile_max_ratio: float = 4.0  # AlgoPerf r_max: the performance profile is integrated over [1, r_max]
+    confidence: float = 0.95  # level of every confidence interval in the report
+    bootstrap_samples: int = 10_000  # resamples of the win-rate bootstrap
+    divergence_ratio: float = 1.0  # a run diverged if non-finite or final valid loss > ratio x initial
+
+    def grid_for(self, optimizer: str) -> tuple[float, ...]:
+        """The initial-LR grid for a base optimizer (explicit ``lr_grid`` first, then the log-spaced range)."""
+        if optimizer in self.lr_grid:
+            return tuple(float(lr) for lr in self.lr_grid[optimizer])
+        low, high = self.lr_grid_ranges.get(optimizer, DEFAULT_LR_GRID_RANGES[optimizer])
+        if self.lr_grid_points == 1:
+            return (float(f"{(low * high) ** 0.5:.12g}"),)
+        # Rounded so that the same grid point is the same float (and the same cell key) on every machine.
+        return tuple(
+            float(f"{low * (high / low) ** (i / (self.lr_grid_points - 1)):.12g}") for i in range(self.lr_grid_points)
+        )
 
 
 def _method_entries(value: Any, where: str) -> list[dict[str, Any]]:
@@ -325,6 +398,7 @@ def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> Ev
     config = build_config(EvalConfig, data, str(path))
     if config.split not in ("held_out", "meta_valid", "meta_train"):
         raise ConfigError(f"{path}: split must be held_out, meta_valid or meta_train, got {config.split!r}")
+    _check_eval_protocol(config, str(path))
     from metalr.methods import create_method
 
     for entry in config.methods:
@@ -333,3 +407,42 @@ def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> Ev
         except (KeyError, ValueError) as err:
             raise ConfigError(f"{path}: {err.args[0]}") from None
     return config
+
+
+def _check_eval_protocol(config: EvalConfig, where: str) -> None:
+    """Reject protocol settings that would silently produce an empty or meaningless evaluation."""
+    positive = {"tasks_per_family": config.tasks_per_family, "seeds": config.seeds, "eval_every": config.eval_every,
+                "lr_grid_points": config.lr_grid_points, "bootstrap_samples": config.bootstrap_samples}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}: {key} must be a positive integer, got {value}")
+    if config.max_steps < 0:
+        raise ConfigError(f"{where}: max_steps must be >= 0 (0 = no cap), got {config.max_steps}")
+    if not config.methods:
+        raise ConfigError(f"{where}: methods is empty; list at least one method")
+    labels = [entry.display for entry in config.methods]
+    duplicated = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicated:
+        raise ConfigError(f"{where}: method labels must be unique, got {duplicated} twice; give one a `label:`")
+    if config.reference not in labels:
+        raise ConfigError(f"{where}: reference {config.reference!r} is not a method label of the suite; labels: {labels}")
+    if config.target not in TARGET_RULES:
+        raise ConfigError(f"{where}: target must be one of {list(TARGET_RULES)}, got {config.target!r}")
+    if any(scale <= 0 or scale == 1.0 for scale in config.horizon_scales):
+        raise ConfigError(f"{where}: horizon_scales must be positive and not 1 (1x always runs), got {list(config.horizon_scales)}")
+    if not 0.5 < config.confidence < 1:
+        raise ConfigError(f"{where}: confidence must lie in (0.5, 1), got {config.confidence}")
+    if config.profile_max_ratio <= 1:
+        raise ConfigError(f"{where}: profile_max_ratio must exceed 1, got {config.profile_max_ratio}")
+    if config.device not in ("cpu", "cuda"):
+        raise ConfigError(f"{where}: device must be cpu or cuda, got {config.device!r}")
+    for table in ("lr_grid_ranges", "lr_grid"):
+        unknown = sorted(set(getattr(config, table)) - set(DEFAULT_LR_GRID_RANGES))
+        if unknown:
+            raise ConfigError(f"{where}: {table} names unknown optimizers {unknown}; expected {sorted(DEFAULT_LR_GRID_RANGES)}")
+    for optimizer, bounds in config.lr_grid_ranges.items():
+        if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+            raise ConfigError(f"{where}: lr_grid_ranges.{optimizer} must be [low, high] with 0 < low <= high, got {bounds}")
+    for optimizer, grid in config.lr_grid.items():
+        if not grid or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in grid):
+            raise ConfigError(f"{where}: lr_grid.{optimizer} must be a non-empty list of positive LRs, got {grid}")

@@ -112,6 +112,9 @@ class FeatureSpec:
         missing = [n for n in self.names if n not in self.scales]
         if missing:
             raise ValueError(f"feature scales missing for {missing}")
+        # Keep only the enabled features' constants: the spec is data, equal specs compare equal.
+        object.__setattr__(self, "scales", {n: float(self.scales[n]) for n in self.names})
+        object.__setattr__(self, "offsets", {n: float(self.offsets.get(n, 0.0)) for n in self.names})
         if self.format != FEATURE_FORMAT:
             raise ValueError(
                 f"feature format {self.format} cannot be computed by this version of metalr "
@@ -135,8 +138,8 @@ class FeatureSpec:
             "ema_betas": list(self.ema_betas),
             "clip": self.clip,
             "guard_ratio": self.guard_ratio,
-            "scales": {n: self.scales[n] for n in self.names},
-            "offsets": {n: self.offsets.get(n, 0.0) for n in self.names},
+            "scales": dict(self.scales),
+            "offsets": dict(self.offsets),
         }
 
     @classmethod
@@ -301,15 +304,19 @@ def compute_features(spec: FeatureSpec, state: FeatureState, obs: Observation) -
     else:
         grad_mean = ()
         mean_norm = grad_change = update_norm = param_norm = torch.zeros_like(ref[0])
-    # Bias-corrected noise fraction 1 - |E g|^2 / E|g|^2 in [0, 1]: 0 = deterministic gradient.
+    # Noise fraction 1 - |E g|^2 / E|g|^2 in [0, 1]: 0 = deterministic gradient. E g starts from zero and is
+    # bias-corrected (Adam-style); E|g|^2 starts from the first value and needs no correction.
     debias = 1 - slow ** (state.step + 1)
-    noise_fraction = (1 - (mean_norm / debias).square() / (grad_sq_ema / debias).clamp_min(tiny)).clamp(0, 1)
+    noise_fraction = (1 - (mean_norm / debias).square() / grad_sq_ema.clamp_min(tiny)).clamp(0, 1)
 
-    # Secant curvature along the last step, L = |g_t - g_{t-1}| / |theta_t - theta_{t-1}|.
-    curvature = grad_change / state.prev_update_norm.clamp_min(tiny)
-    has_secant = (state.step > 0) & (state.prev_update_norm > 0)
+    # Secant curvature along the last step, L = |g_t - g_{t-1}| / |theta_t - theta_{t-1}|. Branches that
+    # torch.where discards still get gradients, so their inputs are made safe first (no 0/0, no log 0).
+    has_secant = (state.step > 0) & (state.prev_update_norm > tiny)
+    one = torch.ones_like(grad_change)
+    curvature = grad_change / torch.where(has_secant, state.prev_update_norm, one)
     lr = obs.lr.to(ref.dtype).reshape(())
-    log_lr_curv = torch.where(has_secant, torch.log((lr * curvature).clamp_min(tiny)), torch.zeros_like(lr))
+    lr_curv = torch.where(has_secant, (lr * curvature).clamp_min(tiny), one)
+    log_lr_curv = torch.where(has_secant, torch.log(lr_curv), torch.zeros_like(lr))
 
     step_next = state.step + 1
     total = obs.total_steps.to(ref.dtype).clamp_min(1)
@@ -317,7 +324,8 @@ def compute_features(spec: FeatureSpec, state: FeatureState, obs: Observation) -
 
     valid = obs.valid_loss.to(ref.dtype).reshape(())
     valid_seen = torch.isfinite(valid)
-    valid_gap = torch.where(valid_seen, torch.log(valid.clamp_min(tiny) / loss_ema[1]), state.valid_gap)
+    valid_safe = torch.where(valid_seen, valid.clamp_min(tiny), loss_ema[1])
+    valid_gap = torch.where(valid_seen, torch.log(valid_safe / loss_ema[1]), state.valid_gap)
     entropy_obs = obs.entropy.to(ref.dtype).reshape(())
     entropy = torch.where(torch.isfinite(entropy_obs), entropy_obs, state.entropy)
     budget = obs.budget_used.to(ref.dtype).reshape(())

@@ -92,3 +92,61 @@ BASE_SCHEDULES: dict[str, Callable[[Tensor | float, Tensor | float], Tensor]] = 
     "constant": _constant_base,
     "cosine": _cosine_base,
 }
+
+
+_ANNEALERS: dict[str, Callable[[float, float, float], float]] = {
+    # torch.optim.lr_scheduler.OneCycleLR._annealing_cos / _annealing_linear, verbatim.
+    "cos": lambda start, end, pct: end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1),
+    "linear": lambda start, end, pct: (end - start) * pct + start,
+}
+
+
+def onecycle_schedule(
+    total_steps: int,
+    pct_start: float = 0.3,
+    anneal_strategy: str = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+) -> Schedule:
+    """``OneCycleLR(max_lr=base_lr, total_steps, ...)`` (Smith & Topin 2019) as a multiplier of the peak LR.
+
+    The LR rises from ``1/div_factor`` to 1 over the first ``pct_start`` of the run, then anneals to
+    ``1/(div_factor * final_div_factor)`` (``three_phase`` first anneals back to ``1/div_factor``). Phase ends
+    are torch's fractional step indices, so values match ``OneCycleLR`` step for step. Two deliberate
+    differences: steps past ``total_steps`` hold the final value (torch raises), and a zero-length phase
+    takes its end value (torch divides by zero).
+    """
+    _positive_int("total_steps", total_steps)
+    if not 0.0 <= pct_start <= 1.0:
+        raise ValueError(f"pct_start must be in [0, 1], got {pct_start=}")
+    if anneal_strategy not in _ANNEALERS:
+        raise ValueError(f"anneal_strategy must be one of {sorted(_ANNEALERS)}, got {anneal_strategy=}")
+    if not (div_factor > 0 and final_div_factor > 0):
+        raise ValueError(f"div_factor and final_div_factor must be positive, got {div_factor=}, {final_div_factor=}")
+    anneal = _ANNEALERS[anneal_strategy]
+    initial, peak = 1.0 / div_factor, 1.0
+    final = initial / final_div_factor
+    # (end_step, start multiplier, end multiplier), exactly OneCycleLR._schedule_phases.
+    phases: list[tuple[float, float, float]]
+    if three_phase:
+        phases = [
+            (pct_start * total_steps - 1, initial, peak),
+            (2 * pct_start * total_steps - 2, peak, initial),
+            (total_steps - 1.0, initial, final),
+        ]
+    else:
+        phases = [(pct_start * total_steps - 1, initial, peak), (total_steps - 1.0, peak, final)]
+
+    def schedule(step: int) -> float:
+        step = min(step, total_steps)
+        start_step = 0.0
+        for i, (end_step, start_value, end_value) in enumerate(phases):
+            if step <= end_step or i == len(phases) - 1:
+                if end_step == start_step:
+                    return end_value
+                return anneal(start_value, end_value, (step - start_step) / (end_step - start_step))
+            start_step = end_step
+        raise AssertionError("unreachable: the last phase always matches")
+
+    return schedule

@@ -31,6 +31,7 @@ from metalr.io import append_jsonl
 from metalr.meta.estimators import create_estimator
 from metalr.meta.unroll import InnerRun, start_run, unroll
 from metalr.tasks import TaskSpec, build_task, create_task_family
+from metalr.tasks.registry import sample_specs
 
 
 class MetaTrainingError(RuntimeError):
@@ -69,16 +70,6 @@ class TaskSampler:
     def next_spec(self) -> TaskSpec:
         index = int(torch.randint(len(self.families), (), generator=self.generator))
         return self.families[index].sample(self.generator)
-
-
-def sample_specs(entries: tuple[FamilyEntry, ...], per_family: int, seed: int) -> list[TaskSpec]:
-    """``per_family`` specs from each family, deterministic in ``seed`` (evaluation and validation sets)."""
-    specs = []
-    for i, entry in enumerate(entries):
-        family = create_task_family(entry.family, **entry.overrides)
-        generator = torch.Generator().manual_seed(seed * 1000 + i)
-        specs += [family.sample(generator) for _ in range(per_family)]
-    return specs
 
 
 def rollout_score(controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10) -> float:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import torch
 
 from metalr.tasks.base import SamplingConfig, Task, TaskFamily, TaskSpec
 
@@ -70,3 +72,26 @@ def create_task_family(name: str, **overrides: Any) -> TaskFamily:
 def build_task(spec: TaskSpec, device: str = "cpu") -> Task:
     """Build the task a spec describes (on ``device``)."""
     return create_task_family(spec.family).build(spec).to(device)
+
+
+class FamilyEntryLike(Protocol):
+    """A suite's family entry (``metalr.config.FamilyEntry``): a family name plus its overrides."""
+
+    @property
+    def family(self) -> str: ...
+
+    @property
+    def overrides(self) -> Mapping[str, Any]: ...
+
+
+def sample_specs(entries: Sequence[FamilyEntryLike], per_family: int, seed: int) -> list[TaskSpec]:
+    """``per_family`` specs from each family, deterministic in ``seed`` (evaluation and validation sets).
+
+    Shared by meta-validation and the evaluation harness, so both draw held-out tasks the same way.
+    """
+    specs = []
+    for i, entry in enumerate(entries):
+        family = create_task_family(entry.family, **entry.overrides)
+        generator = torch.Generator().manual_seed(seed * 1000 + i)
+        specs += [family.sample(generator) for _ in range(per_family)]
+    return specs

@@ -1,0 +1,50 @@
+"""``metalr demo``: the main job on the embedded default, offline and without arguments.
+
+1. meta-train a controller with ``meta_train/demo.yaml`` on the embedded suite's meta-train families;
+2. evaluate it with ``evaluate/demo.yaml`` on held-out embedded families against constant, step,
+   exponential and cosine schedules (the same harness as ``metalr evaluate``);
+3. print the summary table and where the report and plots are.
+
+``--quick`` uses the ``-quick`` variants of both files (about a minute; the end-to-end test runs it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metalr.config import ROOT, MetaTrainConfig, load_config, load_eval_config
+
+
+def run_demo(out: Path, quick: bool = False, progress: bool = True, workers: int = 0) -> str:
+    """Meta-train then evaluate; returns the text to print."""
+    import os
+
+    from metalr.evaluation import evaluate_suite
+    from metalr.meta.trainer import meta_train
+
+    suffix = "-quick" if quick else ""
+    recipe = ROOT / "meta_train" / f"demo{suffix}.yaml"
+    suite = ROOT / "evaluate" / f"demo{suffix}.yaml"
+    config = load_config(MetaTrainConfig, recipe)
+    eval_config = load_eval_config(suite)
+    controller_dir = out / "controller"
+    controller_path = controller_dir / "final.safetensors"
+    if not controller_path.exists():
+        print(f"[1/2] meta-training a controller ({recipe.relative_to(ROOT)}) -> {controller_dir}")
+        meta_train(config, controller_dir, progress=progress)
+    else:
+        print(f"[1/2] using the controller already in {controller_path}")
+    print(f"[2/2] evaluating on held-out embedded tasks ({suite.relative_to(ROOT)}) -> {out / 'evaluation'}")
+    summary = evaluate_suite(
+        eval_config,
+        controller=str(controller_path),
+        out_dir=out / "evaluation",
+        workers=workers or os.cpu_count() or 1,
+        backend="process",
+        address=None,
+        progress=progress,
+    )
+    return (
+        f"\n{summary}\n\nreport: {out / 'evaluation' / 'report.md'} (and report.html, plots in the same folder)\n"
+        f"controller: {controller_path} (load it with metalr.load_controller)"
+    )
