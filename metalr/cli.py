@@ -78,11 +78,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from metalr.evaluation import render_report
-
     directory = Path(args.run_dir)
     if not (directory / "results.jsonl").is_file():
         raise UserError(f"{directory} has no results.jsonl; point `metalr report` at an evaluation output directory")
+    from metalr.evaluation import render_report
+
     print(render_report(directory))
     return 0
 

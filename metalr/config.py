@@ -42,6 +42,15 @@ class ControllerConfig:
     guard_ratio: float = 5.0  # loss > guard_ratio x its slow EMA counts as divergence
     guard_cut: float = 10.0  # divergence guardrail divides the LR by this at once (1 = off)
 
+    def __post_init__(self) -> None:
+        # Build the pieces once so a bad recipe fails at load time, naming the value.
+        from metalr.controller import ArchConfig, PolicyConfig
+        from metalr.features import FeatureSpec
+
+        FeatureSpec(groups=tuple(self.features), guard_ratio=self.guard_ratio)
+        ArchConfig(kind=self.kind, hidden=tuple(self.hidden))
+        PolicyConfig(self.min_lr, self.max_lr, self.min_factor, self.max_factor, self.max_log_step, self.base_schedule, self.guard_cut)
+
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
@@ -73,22 +82,28 @@ class MetaConfig:
     tensorboard: bool = False  # also log to TensorBoard (run_dir/tensorboard; needs the tensorboard extra)
 
     def __post_init__(self) -> None:
-        positive = ("meta_steps", "meta_batch", "unroll_length", "objective_every", "valid_batch_size",
-                    "min_unroll_length", "curriculum_steps", "max_full_horizon", "es_pairs", "max_refused")
+        positive = ("meta_steps", "meta_batch", "unroll_length", "valid_batch_size", "objective_every", "log_every")
+        bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
+        if bad:
+            raise ValueError(f"must be positive: {', '.join(bad)}")
+        if not (self.meta_lr > 0 and self.meta_grad_clip > 0 and 0 <= self.max_skip_fraction <= 1):
+            raise ValueError(
+                f"need meta_lr > 0, meta_grad_clip > 0 and 0 <= max_skip_fraction <= 1, got {self.meta_lr}, "
+                f"{self.meta_grad_clip}, {self.max_skip_fraction}"
+            )
+        positive = ("min_unroll_length", "curriculum_steps", "max_full_horizon", "es_pairs", "max_refused")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
-                raise ValueError(f"meta.{name} must be a positive integer, got {value}")
+                raise ValueError(f"{name} must be a positive integer, got {value}")
         for name in ("checkpoint_every", "log_every", "valid_every", "state_every", "probe_every", "probe_tasks"):
             value = getattr(self, name)
             if isinstance(value, int) and value < 0:
-                raise ValueError(f"meta.{name} must be >= 0, got {value}")
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if not self.es_sigma > 0:
-            raise ValueError(f"meta.es_sigma must be > 0, got {self.es_sigma}")
+            raise ValueError(f"es_sigma must be > 0, got {self.es_sigma}")
         if not self.memory_budget_mb >= 0:
-            raise ValueError(f"meta.memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
-        if not 0 <= self.max_skip_fraction <= 1:
-            raise ValueError(f"meta.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+            raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 
 
 @dataclasses.dataclass(frozen=True)

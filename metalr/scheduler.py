@@ -245,6 +245,10 @@ class LearnedLR(LRScheduler):
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_count += 1
 
+    def discard_observed_losses(self) -> None:
+        """Forget the micro-batch losses recorded since the last step (an optimizer step that did not happen)."""
+        self._loss_sum, self._loss_count = None, 0
+
     def observe_validation(self, valid_loss: Tensor | float) -> None:
         """Feed an ``inner_valid`` loss measured since the last step (validation features)."""
         self._pending_valid = float(valid_loss)

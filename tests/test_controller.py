@@ -42,7 +42,7 @@ def test_per_step_change_and_factor_are_bounded_for_any_network_output(sign: flo
     params = [torch.zeros(3)]
     state = controller.initial_state(params)
     previous = 0.0
-    for i in range(100):
+    for _ in range(100):
         log_factor, state = controller.step(state, _obs(1.0, params))
         assert abs(float(log_factor) - previous) <= 0.1 + 1e-6
         assert math.log(1e-2) - 1e-6 <= float(log_factor) <= math.log(10.0) + 1e-6

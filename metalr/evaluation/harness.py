@@ -17,6 +17,7 @@ Which cells exist is the protocol of issue 7 (after AlgoPerf's external-tuning r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -204,10 +205,8 @@ def cached_controller(path: str | None) -> Any:
 def _reset_peak_memory(device: str) -> None:
     # Writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM) so the peak is per run, not per
     # worker lifetime; where that is not allowed the number is the worker's peak so far.
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
     if device == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 

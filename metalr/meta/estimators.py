@@ -103,7 +103,7 @@ class TruncatedBackprop:
             objective_every=self.config.objective_every,
             valid_every=self.config.valid_every,
         )
-        meta_loss = float(result.meta_loss)
+        meta_loss = float(result.meta_loss.detach())
         if math.isfinite(meta_loss) and result.meta_loss.requires_grad:
             grads = _grads_or_zeros(result.meta_loss, list(controller.parameters()))
         else:  # non-finite: the trainer skips it; no backward through a diverged graph

@@ -2,21 +2,34 @@
 
 Wired in plain sight (as in learned_optimization's ``simple_lopt_train.py``)::
 
-    sampler   = TaskSampler(suite.meta_train, seed)             # family -> TaskSpec -> Task
-    runs      = [start_run(sampler.next(), controller) ...]      # meta-batch, staggered offsets
-    estimator = create_estimator(config.meta)                    # tbptt | ... (see ESTIMATORS)
+    sampler   = TaskSampler(suite.meta_train, seed)              # family -> TaskSpec -> Task
+    runs      = [start_run(sampler.next(), controller) ...]       # meta-batch, staggered offsets
+    estimator = create_estimator(config.meta)                     # tbptt | full | es | pes (see ESTIMATORS)
+    schedule  = make_truncation_schedule(...)                     # K per meta-step
     for each meta-step:  grads = mean(estimator(controller, run, K).grads for run in runs)
-                         clip, skip if non-finite, Adam step on the controller
+                         (all-reduced over workers), clip, skip if non-finite, Adam step on the controller
 
 A truncation whose meta-loss or meta-gradient is NaN/inf is skipped and counted, never applied; when more
-than ``max_skip_fraction`` of them were skipped the run stops with a clear message.
+than ``max_skip_fraction`` of them were skipped the run stops with a clear message. Divergence-guard
+events (the controller's guardrail cutting the LR) are counted and logged. Every ``state_every`` meta-steps
+each worker writes a resume state (:mod:`metalr.meta.state`); ``meta_train(..., resume=True)`` continues
+from the newest one all workers have, bit-identically.
+
+``metrics.jsonl`` records (every ``log_every`` meta-steps): ``meta_loss`` (mean over the interval),
+``meta_grad_norm`` (before clipping), ``estimator_variance`` (mean squared deviation of the per-task
+meta-gradients from their mean in the last meta-step: the noise of the estimator plus task diversity),
+``truncation_length``, ``skipped_truncations`` / ``attempted_truncations``, ``guard_events`` (total so
+far), ``mean_lr_ratio`` (controller LR / task base LR), ``refused_tasks``; at checkpoints ``meta_valid``;
+at probes ``probe_shb_ratio`` (short-horizon-bias diagnostic: controller's mean LR / best constant LR on
+probe tasks, geometric mean; well below 1 is the LR collapse of Wu et al., ICLR 2018) and LR traces.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +37,46 @@ import torch
 from tqdm import tqdm
 
 from metalr.checkpoint import save_controller
-from metalr.config import ControllerConfig, FamilyEntry, MetaTrainConfig, dump_config, load_suite
+from metalr.config import (
+    ConfigError,
+    ControllerConfig,
+    FamilyEntry,
+    MetaTrainConfig,
+    dump_config,
+    load_suite,
+    to_plain,
+)
 from metalr.controller import ArchConfig, LRController, PolicyConfig
 from metalr.features import FeatureSpec
-from metalr.io import append_jsonl
-from metalr.meta.estimators import create_estimator
+from metalr.io import append_jsonl, atomic_write_text, read_jsonl
+from metalr.meta.distributed import (
+    WorkerContext,
+    all_reduce_min,
+    all_reduce_sum,
+    init_distributed,
+    worker_device,
+)
+from metalr.meta.estimators import BACKPROP_ESTIMATORS, EstimatorError, create_estimator
+from metalr.meta.resources import MemoryBudgetError, check_memory_budget, estimate_unroll_bytes
+from metalr.meta.state import (
+    TensorTable,
+    available_steps,
+    get_optimizer,
+    get_run,
+    put_optimizer,
+    put_run,
+    read_state,
+    state_path,
+    write_state,
+)
+from metalr.meta.truncation import make_truncation_schedule
 from metalr.meta.unroll import InnerRun, start_run, unroll
 from metalr.tasks import TaskSpec, build_task, create_task_family
 from metalr.tasks.registry import sample_specs
 
 
 class MetaTrainingError(RuntimeError):
-    """Meta-training cannot continue (too many non-finite truncations, ...)."""
+    """Meta-training cannot continue (too many non-finite truncations, refused tasks, ...)."""
 
 
 def build_controller(config: ControllerConfig) -> LRController:
@@ -74,10 +115,15 @@ class TaskSampler:
 
 def rollout_score(controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10) -> float:
     """Meta-objective of a whole training run under a frozen controller (no meta-gradient)."""
+    return rollout(controller, spec, device, every)[0]
+
+
+def rollout(controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10) -> tuple[float, list[float]]:
+    """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10."""
     run = start_run(build_task(spec, device), controller)
     result = unroll(controller, run, spec.steps, differentiable=False, objective_every=every)
     value = float(result.meta_loss)
-    return value if math.isfinite(value) else 10.0
+    return (value if math.isfinite(value) else 10.0), result.lrs
 
 
 def meta_validate(controller: LRController, specs: list[TaskSpec], device: str = "cpu") -> float:
@@ -85,97 +131,431 @@ def meta_validate(controller: LRController, specs: list[TaskSpec], device: str =
     return sum(rollout_score(controller, s, device) for s in specs) / max(1, len(specs))
 
 
-def _new_run(sampler: TaskSampler, controller: LRController, config: MetaTrainConfig, offset: bool) -> InnerRun:
-    spec = sampler.next_spec()
-    run = start_run(build_task(spec, config.device), controller, config.meta.valid_batch_size)
-    if offset:
-        # Stagger the meta-batch: start at a random point of the horizon so tasks are not in lockstep.
-        skip = int(torch.randint(spec.steps, (), generator=sampler.generator))
-        run = unroll(controller, run, skip, differentiable=False, objective_every=max(1, skip)).run
-    return run
+def train_entries(config: MetaTrainConfig, entries: tuple[FamilyEntry, ...]) -> tuple[FamilyEntry, ...]:
+    """The suite's meta-train families with the recipe's ``train_overrides`` applied to each."""
+    if not config.train_overrides:
+        return entries
+    merged = tuple(FamilyEntry(e.family, {**e.overrides, **config.train_overrides}) for e in entries)
+    for entry in merged:
+        try:
+            create_task_family(entry.family, **entry.overrides)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(f"train_overrides: {err.args[0] if err.args else err}") from None
+    return merged
 
 
-def meta_train(config: MetaTrainConfig, run_dir: str | Path, progress: bool = True) -> LRController:
+def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device: str = "cpu") -> float:
+    """The best constant LR for ``spec`` on a grid of base_lr x 2^k, k = -4..4 (full-horizon meta-objective).
+
+    An untrained controller with the guardrail off is exactly a constant schedule at its base LR.
+    """
+    constant = build_controller(replace(controller_config, base_schedule="constant", guard_cut=1.0))
+    scored = []
+    for k in range(-4, 5):
+        lr = min(controller_config.max_lr, max(controller_config.min_lr, spec.base_lr * 2.0**k))
+        scored.append((rollout_score(constant, spec.replace(base_lr=lr), device), lr))
+    return min(scored)[1]
+
+
+def noise_seed(seed: int, meta_step: int, slot: int) -> int:
+    """ES/PES noise seed of one (meta-step, slot): independent of worker count and of resumption."""
+    return (seed * 1_000_003 + meta_step * 4_099 + slot * 131 + 7) % (2**63 - 1)
+
+
+@dataclass
+class LoopState:
+    """Counters of the outer loop (JSON in the resume state)."""
+
+    meta_step: int = 0
+    attempted: int = 0
+    skipped: int = 0
+    guard_events: int = 0
+    refused: int = 0
+    consecutive_refused: int = 0
+    best: float = math.inf
+    window_sum: float = 0.0
+    window_count: int = 0
+    window_lr_sum: float = 0.0
+    window_lr_count: int = 0
+
+
+class _Logger:
+    """metrics.jsonl (and TensorBoard when asked); only the main worker writes."""
+
+    def __init__(self, run_dir: Path, context: WorkerContext, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = context.is_main
+        self.writer: Any = None
+        if tensorboard and self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError(
+                    "meta.tensorboard: true needs the tensorboard package (pip install 'metalr[tensorboard]')"
+                ) from err
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def record(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            step = int(record.get("meta_step", 0))
+            for key, value in record.items():
+                if key != "meta_step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"meta/{key}", value, step)
+
+    def lr_traces(self, meta_step: int, traces: dict[str, list[float]]) -> None:
+        if self.writer is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(5, 3))
+        for label, lrs in traces.items():
+            axis.plot(lrs, label=label)
+        axis.set_yscale("log")
+        axis.set_xlabel("inner step")
+        axis.set_ylabel("learning rate")
+        axis.legend(fontsize=6)
+        self.writer.add_figure("probe/lr_trace", figure, meta_step)
+        plt.close(figure)
+
+    def truncate_after(self, meta_step: int) -> None:
+        """Drop records newer than ``meta_step`` (they will be written again by the resumed run)."""
+        if not self.enabled or not self.path.exists():
+            return
+        import json
+
+        kept = [r for r in read_jsonl(self.path) if int(r.get("meta_step", 0)) <= meta_step]
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True, allow_nan=True) + "\n" for r in kept))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _check_resumed_config(config: MetaTrainConfig, run_dir: Path) -> None:
+    """A resumed run must use the recipe it started with (only ``meta.meta_steps`` may grow)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = to_plain(config)
+    old.get("meta", {}).pop("meta_steps", None)
+    new["meta"].pop("meta_steps", None)
+
+    def differences(a: Any, b: Any, where: str) -> Iterator[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                yield from differences(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+        elif a != b:
+            yield f"{where}: {a!r} -> {b!r}"
+
+    changed = list(differences(old, new, ""))
+    if changed:
+        raise ConfigError(
+            f"--resume: the config differs from the one {run_dir} was started with ({'; '.join(changed[:3])}); "
+            "resume with the same recipe and overrides (only meta.meta_steps may change)"
+        )
+
+
+class MetaTrainer:
+    """One meta-training run (built by :func:`meta_train`; kept as a class so tests and tools can step it)."""
+
+    def __init__(self, config: MetaTrainConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> None:
+        self.config = config
+        self.meta = config.meta
+        self.run_dir = run_dir
+        self.progress = progress
+        self.context = init_distributed(config.device)
+        self.device = worker_device(config.device, self.context)
+        if resume:
+            _check_resumed_config(config, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.context.is_main:
+            dump_config(config, run_dir / "config.yaml")
+        self.suite = load_suite(config.suite)
+        torch.manual_seed(config.seed)
+        self.controller = build_controller(config.controller).to(self.device)
+        self.meta_optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.meta.meta_lr)
+        try:
+            self.estimator = create_estimator(self.meta)
+        except EstimatorError as err:
+            raise ConfigError(str(err)) from None
+        self.schedule = make_truncation_schedule(
+            self.meta.truncation,
+            self.meta.unroll_length,
+            min(self.meta.min_unroll_length, self.meta.unroll_length),
+            self.meta.curriculum_steps,
+            config.seed,
+        )
+        self.sampler = TaskSampler(train_entries(config, self.suite.meta_train), config.seed)
+        self.valid_specs = sample_specs(self.suite.meta_valid, 2, config.seed + 1) if self.suite.meta_valid else []
+        self.probe_specs: list[TaskSpec] = []
+        if self.meta.probe_every and self.meta.probe_tasks:
+            entries = self.suite.meta_valid or self.sampler.entries
+            self.probe_specs = sample_specs(entries, 1, config.seed + 2)[: self.meta.probe_tasks]
+        self.probe_best_lrs: list[float] = []
+        self.provenance: dict[str, Any] = {"recipe": config.name, "suite": self.suite.name, "seed": config.seed}
+        self.state = LoopState()
+        self.logger = _Logger(run_dir, self.context, self.meta.tensorboard)
+        self.runs: list[InnerRun | None] = [None] * self.meta.meta_batch
+        self.state_dir = run_dir / "resume"
+        if not (resume and self._load_resume_state()):
+            for slot in range(self.meta.meta_batch):
+                self.runs[slot] = self._fill(slot, offset=not self.estimator.full_horizon)
+
+    # -- task slots -------------------------------------------------------------------------------------------
+
+    def _fill(self, slot: int, offset: bool) -> InnerRun | None:
+        """Draw the next task for ``slot`` (every worker draws, so samplers stay in step; the owner builds it)."""
+        while True:
+            spec = self.sampler.next_spec()
+            # Stagger the meta-batch: start at a random point of the horizon so tasks are not in lockstep.
+            skip = int(torch.randint(spec.steps, (), generator=self.sampler.generator)) if offset else 0
+            if self.meta.memory_budget_mb > 0:
+                try:
+                    self._check_memory(spec)
+                except MemoryBudgetError as err:
+                    self.state.refused += 1
+                    self.state.consecutive_refused += 1
+                    self.logger.record({"meta_step": self.state.meta_step, "event": "refused_task", "reason": str(err)})
+                    if self.state.consecutive_refused >= self.meta.max_refused:
+                        raise MetaTrainingError(
+                            f"{self.state.consecutive_refused} sampled tasks in a row exceed the memory budget "
+                            f"(last: {err}); raise meta.memory_budget_mb or shorten unrolls/horizons"
+                        ) from None
+                    continue
+            self.state.consecutive_refused = 0
+            if not self.context.owns(slot):
+                return None
+            task = build_task(spec, self.device)
+            run = start_run(task, self.controller, self.meta.valid_batch_size)
+            if skip:
+                run = unroll(self.controller, run, skip, differentiable=False, objective_every=max(1, skip)).run
+            return run
+
+    def _check_memory(self, spec: TaskSpec) -> None:
+        differentiable = self.meta.estimator in BACKPROP_ESTIMATORS
+        length = spec.steps if self.meta.estimator == "full" else self.meta.unroll_length
+        particles = 2 * self.meta.es_pairs + 1 if not differentiable else 1
+        run = start_run(build_task(spec, self.device), self.controller, self.meta.valid_batch_size)
+        estimate = estimate_unroll_bytes(self.controller, run, length, differentiable, particles, self.meta.valid_every)
+        check_memory_budget(estimate, self.meta.memory_budget_mb, f"task {spec.label} (unroll of {length} steps)")
+
+    # -- one meta-step --------------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, Any]:
+        """One meta-step over the meta-batch; returns the per-step statistics."""
+        meta, state = self.meta, self.state
+        meta_step = state.meta_step
+        length = self.schedule(meta_step)
+        params = list(self.controller.parameters())
+        summed = [torch.zeros_like(p) for p in params]
+        # Packed scalars: used, sum |g_i|^2, sum meta-loss, guard events, skipped, sum lr ratio, lr count.
+        scalars = torch.zeros(7, dtype=torch.float64)
+        flags = torch.zeros(meta.meta_batch, dtype=torch.float64)
+        for slot, run in enumerate(self.runs):
+            if run is None:
+                continue
+            try:
+                estimate = self.estimator(self.controller, run, length, seed=noise_seed(self.config.seed, meta_step, slot))
+            except EstimatorError as err:
+                raise MetaTrainingError(str(err)) from None
+            finite = math.isfinite(estimate.meta_loss) and all(bool(torch.isfinite(g).all()) for g in estimate.grads)
+            scalars[3] += estimate.alarms
+            if not finite:
+                scalars[4] += 1
+                flags[slot] = 1
+                continue
+            torch._foreach_add_(summed, list(estimate.grads))
+            scalars[0] += 1
+            scalars[1] += sum(float(g.double().square().sum()) for g in estimate.grads)
+            scalars[2] += estimate.meta_loss
+            base_lr = run.task.spec.base_lr
+            scalars[5] += sum(lr / base_lr for lr in estimate.lrs)
+            scalars[6] += len(estimate.lrs)
+            self.runs[slot] = estimate.run
+            if estimate.run.done:
+                flags[slot] = 1
+        packed = torch.cat([*(g.reshape(-1).double().cpu() for g in summed), scalars, flags])
+        if self.context.world_size > 1:
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            packed = all_reduce_sum(packed.to(device), self.context).cpu()
+        offset = 0
+        for g, p in zip(summed, params, strict=True):
+            g.copy_(packed[offset : offset + p.numel()].reshape(p.shape).to(g.dtype))
+            offset += p.numel()
+        scalars = packed[offset : offset + 7]
+        flags = packed[offset + 7 :]
+        used = int(scalars[0])
+        state.attempted += meta.meta_batch
+        state.skipped += int(scalars[4])
+        state.guard_events += int(scalars[3])
+        # Refill finished or diverged slots in slot order, identically on every worker.
+        for slot in range(meta.meta_batch):
+            if flags[slot] > 0:
+                self.runs[slot] = self._fill(slot, offset=False)
+        if state.attempted >= 10 and state.skipped / state.attempted > meta.max_skip_fraction:
+            raise MetaTrainingError(
+                f"{state.skipped} of {state.attempted} truncations had a non-finite meta-loss or meta-gradient "
+                f"(more than max_skip_fraction={meta.max_skip_fraction}); lower the base-LR ranges or the meta_lr"
+            )
+        grad_norm = variance = 0.0
+        if used:
+            mean = [g / used for g in summed]
+            variance = max(0.0, float(scalars[1]) / used - sum(float(g.double().square().sum()) for g in mean))
+            for p, g in zip(params, mean, strict=True):
+                p.grad = g
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, meta.meta_grad_clip))
+            self.meta_optimizer.step()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            state.window_sum += float(scalars[2])
+            state.window_count += used
+        state.window_lr_sum += float(scalars[5])
+        state.window_lr_count += int(scalars[6])
+        state.meta_step += 1
+        return {"meta_grad_norm": grad_norm, "estimator_variance": variance, "truncation_length": length}
+
+    # -- checkpoints, probes, resume ---------------------------------------------------------------------------
+
+    def _probe(self) -> dict[str, Any]:
+        """Short-horizon-bias diagnostic and LR traces on the probe tasks (main worker only)."""
+        if not self.probe_best_lrs:
+            self.probe_best_lrs = [best_constant_lr(self.config.controller, s, self.device) for s in self.probe_specs]
+        ratios, traces = [], {}
+        for spec, best_lr in zip(self.probe_specs, self.probe_best_lrs, strict=True):
+            _, lrs = rollout(self.controller, spec, self.device)
+            ratios.append(sum(lrs) / len(lrs) / best_lr)
+            traces[spec.label] = lrs
+        self.logger.lr_traces(self.state.meta_step, traces)
+        stride = max(1, max(len(t) for t in traces.values()) // 50)
+        return {
+            "probe_shb_ratio": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
+            "probe_lr_traces": {label: lrs[::stride] for label, lrs in traces.items()},
+        }
+
+    def _save_resume_state(self) -> None:
+        table = TensorTable()
+        for name, tensor in self.controller.state_dict().items():
+            table.put(f"controller.{name}", tensor)
+        table.put("rng.torch", torch.get_rng_state())
+        table.put("rng.sampler", self.sampler.generator.get_state())
+        runs = {str(slot): put_run(table, f"run.{slot}", run) for slot, run in enumerate(self.runs) if run is not None}
+        record = {
+            "loop": self.state.__dict__,
+            "optimizer": put_optimizer(table, "meta_optimizer", self.meta_optimizer),
+            "runs": runs,
+            "probe_best_lrs": self.probe_best_lrs,
+            "world_size": self.context.world_size,
+        }
+        write_state(self.state_dir, self.context.rank, self.state.meta_step, table, record)
+
+    def _load_resume_state(self) -> bool:
+        steps = available_steps(self.state_dir, self.context.rank)
+        newest = all_reduce_min(steps[-1] if steps else -1, self.context)
+        if newest < 0:
+            return False
+        table, record = read_state(state_path(self.state_dir, self.context.rank, newest))
+        if record["world_size"] != self.context.world_size:
+            raise ConfigError(
+                f"--resume: {self.run_dir} was written by {record['world_size']} worker(s); resume with the same count"
+            )
+        self.controller.load_state_dict({n: table.get(f"controller.{n}", self.device) for n in self.controller.state_dict()})
+        torch.set_rng_state(table.get("rng.torch"))
+        self.sampler.generator.set_state(table.get("rng.sampler"))
+        get_optimizer(table, "meta_optimizer", record["optimizer"], self.meta_optimizer)
+        self.state = LoopState(**record["loop"])
+        self.probe_best_lrs = list(record["probe_best_lrs"])
+        for slot_key, run_record in record["runs"].items():
+            slot = int(slot_key)
+            self.runs[slot] = get_run(table, f"run.{slot}", run_record, self.controller, self.device)
+        self.logger.truncate_after(self.state.meta_step)
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def train(self) -> LRController:
+        meta, state = self.meta, self.state
+        start = time.perf_counter()
+        bar = tqdm(
+            total=meta.meta_steps,
+            initial=state.meta_step,
+            desc="meta-train",
+            disable=not (self.progress and self.context.is_main),
+            dynamic_ncols=True,
+        )
+        while state.meta_step < meta.meta_steps:
+            stats = self.step()
+            step = state.meta_step
+            bar.update(1)
+            if state.window_count:
+                bar.set_postfix(meta_loss=f"{state.window_sum / state.window_count:.4f}", skipped=state.skipped)
+            record: dict[str, Any] = {}
+            if self.context.is_main and meta.checkpoint_every and step % meta.checkpoint_every == 0:
+                provenance = {**self.provenance, "meta_steps": step}
+                save_controller(self.controller, self.run_dir / f"checkpoint-{step}.safetensors", provenance)
+                if self.valid_specs:
+                    score = meta_validate(self.controller, self.valid_specs, self.device)
+                    record["meta_valid"] = score
+                    if score < state.best:
+                        state.best = score
+                        save_controller(self.controller, self.run_dir / "best.safetensors", {**provenance, "meta_valid": score})
+            if self.context.is_main and self.probe_specs and step % meta.probe_every == 0:
+                record |= self._probe()
+            if record or step % meta.log_every == 0 or step == meta.meta_steps:
+                record |= {
+                    "meta_step": step,
+                    "meta_loss": state.window_sum / state.window_count if state.window_count else None,
+                    **stats,
+                    "skipped_truncations": state.skipped,
+                    "attempted_truncations": state.attempted,
+                    "guard_events": state.guard_events,
+                    "refused_tasks": state.refused,
+                    "mean_lr_ratio": state.window_lr_sum / state.window_lr_count if state.window_lr_count else None,
+                    "seconds": time.perf_counter() - start,
+                }
+                state.window_sum = state.window_lr_sum = 0.0
+                state.window_count = state.window_lr_count = 0
+                self.logger.record(record)
+            if meta.state_every and (step % meta.state_every == 0 or step == meta.meta_steps):
+                self._save_resume_state()
+        bar.close()
+        if self.context.is_main:
+            save_controller(self.controller, self.run_dir / "final.safetensors", {**self.provenance, "meta_steps": meta.meta_steps})
+        self.logger.close()
+        return self.controller
+
+
+def meta_train(
+    config: MetaTrainConfig, run_dir: str | Path, progress: bool = True, resume: bool = False
+) -> LRController:
     """Meta-train a controller as ``config`` says; write everything into ``run_dir``.
 
     The run directory receives ``config.yaml`` (resolved), ``metrics.jsonl``, periodic
     ``checkpoint-<step>.safetensors``, ``best.safetensors`` (by meta-validation on held-out families of the
-    suite, when it lists ``meta_valid``) and ``final.safetensors``.
+    suite, when it lists ``meta_valid``), ``final.safetensors``, ``resume/`` (crash-safe resume states) and
+    ``tensorboard/`` when enabled. With ``resume=True`` it continues from the newest resume state in
+    ``run_dir`` (a fresh start when there is none) and ends with the controller an uninterrupted run would
+    have produced, bit for bit. Under ``torchrun`` every worker calls this; see :mod:`metalr.meta.distributed`.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
-    suite = load_suite(config.suite)
-    meta = config.meta
-    torch.manual_seed(config.seed)
-    controller = build_controller(config.controller)
-    meta_optimizer = torch.optim.Adam(controller.parameters(), lr=meta.meta_lr)
-    estimator = create_estimator(meta)
-    sampler = TaskSampler(suite.meta_train, config.seed)
-    valid_specs = sample_specs(suite.meta_valid, 2, config.seed + 1) if suite.meta_valid else []
-    provenance: dict[str, Any] = {"recipe": config.name, "suite": suite.name, "seed": config.seed}
+    trainer = MetaTrainer(config, Path(run_dir), progress, resume)
+    return trainer.train()
 
-    runs = [_new_run(sampler, controller, config, offset=True) for _ in range(meta.meta_batch)]
-    metrics_path = run_dir / "metrics.jsonl"
-    attempted = skipped = 0
-    best = math.inf
-    window: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(meta.meta_steps), desc="meta-train", disable=not progress, dynamic_ncols=True)
-    for meta_step in bar:
-        summed = [torch.zeros_like(p) for p in controller.parameters()]
-        used = 0
-        lr_ratios: list[float] = []
-        for i, run in enumerate(runs):
-            attempted += 1
-            estimate = estimator(controller, run, meta.unroll_length)
-            finite = math.isfinite(estimate.meta_loss) and all(bool(torch.isfinite(g).all()) for g in estimate.grads)
-            if not finite:
-                skipped += 1
-                runs[i] = _new_run(sampler, controller, config, offset=False)
-                continue
-            used += 1
-            window.append(estimate.meta_loss)
-            torch._foreach_add_(summed, list(estimate.grads))
-            lr_ratios += [lr / run.task.spec.base_lr for lr in estimate.lrs]
-            runs[i] = _new_run(sampler, controller, config, offset=False) if estimate.run.done else estimate.run
-        if attempted >= 10 and skipped / attempted > meta.max_skip_fraction:
-            raise MetaTrainingError(
-                f"{skipped} of {attempted} truncations had a non-finite meta-loss or meta-gradient "
-                f"(more than max_skip_fraction={meta.max_skip_fraction}); lower the base-LR ranges or the meta_lr"
-            )
-        grad_norm = 0.0
-        if used:
-            for p, g in zip(controller.parameters(), summed, strict=True):
-                p.grad = g / used
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(controller.parameters(), meta.meta_grad_clip))
-            meta_optimizer.step()
-            meta_optimizer.zero_grad(set_to_none=True)
-        step = meta_step + 1
-        if window:
-            bar.set_postfix(meta_loss=f"{sum(window[-20:]) / len(window[-20:]):.4f}", skipped=skipped)
-        record: dict[str, Any] = {}
-        if meta.checkpoint_every and step % meta.checkpoint_every == 0:
-            save_controller(controller, run_dir / f"checkpoint-{step}.safetensors", {**provenance, "meta_steps": step})
-            if valid_specs:
-                score = meta_validate(controller, valid_specs, config.device)
-                record["meta_valid"] = score
-                if score < best:
-                    best = score
-                    save_controller(
-                        controller, run_dir / "best.safetensors", {**provenance, "meta_steps": step, "meta_valid": score}
-                    )
-        if record or step % meta.log_every == 0 or step == meta.meta_steps:
-            record |= {
-                "meta_step": step,
-                "meta_loss": sum(window) / len(window) if window else None,
-                "meta_grad_norm": grad_norm,
-                "skipped_truncations": skipped,
-                "attempted_truncations": attempted,
-                "mean_lr_ratio": sum(lr_ratios) / len(lr_ratios) if lr_ratios else None,
-                "seconds": time.perf_counter() - start,
-            }
-            window = []
-            append_jsonl(metrics_path, record)
-    save_controller(controller, run_dir / "final.safetensors", {**provenance, "meta_steps": meta.meta_steps})
-    return controller
+
+__all__ = [
+    "MetaTrainer",
+    "MetaTrainingError",
+    "TaskSampler",
+    "build_controller",
+    "meta_train",
+    "meta_validate",
+    "rollout",
+    "rollout_score",
+    "sample_specs",
+]

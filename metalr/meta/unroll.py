@@ -30,7 +30,6 @@ controller costs nothing extra):
 from __future__ import annotations
 
 import copy
-import copy
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any

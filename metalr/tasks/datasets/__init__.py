@@ -22,7 +22,14 @@ from metalr.tasks.datasets.base import DATA_DIR_ENV, DatasetError, LoaderSpec, r
 from metalr.tasks.datasets.squad import SQUAD, load_squad
 from metalr.tasks.datasets.tabular import ADULT, TITANIC, load_adult, load_titanic
 from metalr.tasks.datasets.text import AG_NEWS, IMDB, SST2, load_ag_news, load_imdb, load_sst2
-from metalr.tasks.datasets.vision import CIFAR10, FASHION_MNIST, MNIST, load_cifar10, load_fashion_mnist, load_mnist
+from metalr.tasks.datasets.vision import (
+    CIFAR10,
+    FASHION_MNIST,
+    MNIST,
+    load_cifar10,
+    load_fashion_mnist,
+    load_mnist,
+)
 
 if TYPE_CHECKING:
     from datasets import DatasetDict

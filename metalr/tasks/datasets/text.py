@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metalr.tasks.datasets.base import FileLayout, LoaderSpec, cache_root, cached_arrow, load_with_fallback, malformed
+from metalr.tasks.datasets.base import (
+    FileLayout,
+    LoaderSpec,
+    cache_root,
+    cached_arrow,
+    load_with_fallback,
+    malformed,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from metalr.tasks.datasets.base import DatasetError, FileLayout, LoaderSpec, cached_arrow, load_with_fallback, malformed
+from metalr.tasks.datasets.base import (
+    DatasetError,
+    FileLayout,
+    LoaderSpec,
+    cached_arrow,
+    load_with_fallback,
+    malformed,
+)
 
 if TYPE_CHECKING:
     from datasets import DatasetDict

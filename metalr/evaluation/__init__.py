@@ -1,0 +1,16 @@
+"""The evaluation harness: held-out tasks x methods x seeds x initial LRs x horizons, run through one loop.
+
+``evaluate_suite`` runs an ``evaluate/*.yaml`` suite (process pool or Ray) into a directory with
+``results.jsonl``; ``render_report`` turns that file alone into ``report.md`` and ``report.html``.
+
+Example:
+    >>> from pathlib import Path
+    >>> from metalr.config import load_eval_config
+    >>> summary = evaluate_suite(load_eval_config("evaluate/demo-quick.yaml"), "runs/demo/final.safetensors",
+    ...                          out_dir=Path("runs/eval"), workers=2)
+"""
+
+from metalr.evaluation.report import render_report
+from metalr.evaluation.suite import evaluate_suite
+
+__all__ = ["evaluate_suite", "render_report"]

@@ -1,0 +1,226 @@
+"""Report figures (matplotlib, Agg backend: no display needed). Each function writes one PNG and returns it.
+
+A method keeps one colour in every figure (its position in the suite), so figures can be read side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metalr.evaluation.metrics import Analysis, is_diverged
+
+DPI = 110
+
+
+def _pyplot() -> Any:
+    # Imported on first use: workers import this package but never draw, and the import costs ~0.5 s.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(methods: Sequence[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    palette = plt.get_cmap("tab10").colors
+    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+
+
+def _grid(count: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(max_cols, max(1, count))
+    return math.ceil(count / cols), cols
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    _pyplot().close(fig)
+    return path
+
+
+def performance_profile_plot(analysis: Analysis, path: Path, horizon: float = 1.0) -> Path:
+    """rho(tau) per method over [1, r_max] (AlgoPerf's performance profile), score in the legend."""
+    plt = _pyplot()
+    colors = _colors(analysis.methods)
+    max_ratio = analysis.protocol.profile_max_ratio
+    taus = np.linspace(1.0, max_ratio, 301)
+    scores = analysis.scores(horizon)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for method, ratios in analysis.ratios(horizon).items():
+        rho = [np.mean([r <= tau for r in ratios.values()]) if ratios else np.nan for tau in taus]
+        ax.step(taus, rho, where="post", color=colors[method], label=f"{method} (score {scores[method]:.3f})")
+    ax.set_xlim(1.0, max_ratio)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("tau (steps-to-target / fastest method's)")
+    ax.set_ylabel("fraction of tasks within tau")
+    ax.set_title(f"Performance profile ({horizon:g}x budget)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
+    """Final validation loss vs initial LR, one panel per task, one line per method; x = diverged runs."""
+    tasks = [t for t in analysis.tasks if any(analysis.grid_runs(t, m) for m in analysis.methods)]
+    if not tasks:
+        return None
+    plt = _pyplot()
+    colors = _colors(analysis.methods)
+    rows, cols = _grid(len(tasks))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        finite_max = 0.0
+        for method in analysis.methods:
+            curve = analysis.sensitivity_curve(task, method)
+            if not curve:
+                continue
+            lrs = np.array([lr for lr, _ in curve])
+            losses = np.array([loss for _, loss in curve])
+            ok = np.isfinite(losses)
+            finite_max = max(finite_max, float(losses[ok].max()) if ok.any() else 0.0)
+            ax.plot(lrs[ok], losses[ok], marker="o", ms=3, color=colors[method], label=method)
+            diverged_lrs = sorted(
+                {float(r["lr"]) for r in analysis.grid_runs(task, method) if is_diverged(r, analysis.protocol.divergence_ratio)}
+            )
+            if diverged_lrs:
+                top = ax.get_ylim()[1]
+                ax.scatter(diverged_lrs, [top] * len(diverged_lrs), marker="x", color=colors[method], s=25)
+        ax.set_xscale("log")
+        if finite_max > 0:
+            ax.set_yscale("log")
+        ax.set_title(analysis.task_labels[task], fontsize=9)
+        ax.set_xlabel("initial LR")
+        ax.set_ylabel("final valid loss (median)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Sensitivity to the initial LR (x: a diverged run at that LR)", fontsize=10)
+    return _save(fig, path)
+
+
+def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: float = 1.0) -> Path:
+    """Validation loss (median and range over seeds) with the LR trace under it, for one task."""
+    plt = _pyplot()
+    colors = _colors(analysis.methods)
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7.0, 5.6), sharex=True, height_ratios=(3, 2))
+    positive = True
+    for method in analysis.methods:
+        runs = analysis.reported_runs(task, method, horizon)
+        if not runs:
+            continue
+        length = min(len(r["valid"]) for r in runs)
+        steps = np.array([p["step"] for p in runs[0]["valid"][:length]], dtype=float)
+        losses = np.array([[p["loss"] for p in r["valid"][:length]] for r in runs], dtype=float)
+        losses = np.where(np.isfinite(losses), losses, np.nan)
+        positive &= bool(np.nanmin(losses, initial=1.0) > 0)
+        with np.errstate(all="ignore"), _quiet():
+            median = np.nanmedian(losses, axis=0)
+            ax_loss.fill_between(steps, np.nanmin(losses, 0), np.nanmax(losses, 0), color=colors[method], alpha=0.15)
+        ax_loss.plot(steps, median, color=colors[method], label=method)
+        trace_len = min(len(r["lr_trace"]) for r in runs)
+        if trace_len:
+            traces = np.array([r["lr_trace"][:trace_len] for r in runs], dtype=float)
+            with _quiet():
+                ax_lr.plot(np.arange(1, trace_len + 1), np.nanmedian(traces, 0), color=colors[method], lw=1.2)
+    target = analysis.target(task, horizon)
+    if math.isfinite(target):
+        ax_loss.axhline(target, color="black", ls="--", lw=0.8, label="target")
+    if positive:
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("inner_valid loss")
+    ax_loss.legend(fontsize=7, ncol=2)
+    ax_loss.grid(alpha=0.3)
+    ax_loss.set_title(f"{analysis.task_labels[task]} ({horizon:g}x budget)", fontsize=10)
+    ax_lr.set_yscale("log")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def lr_stability_plot(analysis: Analysis, path: Path) -> Path:
+    """LR / initial LR against training progress for every reported run, one panel per method."""
+    plt = _pyplot()
+    colors = _colors(analysis.methods)
+    rows, cols = _grid(len(analysis.methods), 4)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, method in zip(axes.flat, analysis.methods, strict=False):
+        for task in analysis.tasks:
+            for record in analysis.reported_runs(task, method):
+                trace = np.asarray(record["lr_trace"], dtype=float)
+                if trace.size == 0 or not trace[0] > 0:
+                    continue
+                progress = np.arange(1, trace.size + 1) / record["steps"]
+                ax.plot(progress, trace / trace[0], color=colors[method], alpha=0.35, lw=0.8)
+        roughness, seed_cv = analysis.lr_stability(method)
+        ax.set_title(f"{method}\n|d ln LR|/step {roughness:.2g}, seed CV {seed_cv:.2g}", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("progress t/T")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(analysis.methods):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("LR / initial LR")
+    fig.suptitle("LR trajectories of the reported runs (every task and seed)", fontsize=10)
+    return _save(fig, path)
+
+
+def resources_plot(analysis: Analysis, path: Path) -> Path:
+    """Training seconds per 1000 steps and peak memory per method."""
+    plt = _pyplot()
+    colors = _colors(analysis.methods)
+    resources = {m: analysis.resources(m) for m in analysis.methods}
+    use_cuda = any(r["peak_cuda_mb"] > 0 for r in resources.values())
+    memory_key, memory_label = ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("peak_rss_mb", "peak RSS (MB)")
+    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    x = np.arange(len(analysis.methods))
+    bar_colors = [colors[m] for m in analysis.methods]
+    ax_time.bar(x, [resources[m]["seconds_per_1k_steps"] for m in analysis.methods], color=bar_colors)
+    ax_time.set_ylabel("training seconds / 1000 steps")
+    ax_memory.bar(x, [resources[m][memory_key] for m in analysis.methods], color=bar_colors)
+    ax_memory.set_ylabel(memory_label)
+    for ax in (ax_time, ax_memory):
+        ax.set_xticks(x, analysis.methods, rotation=30, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Resources (median over the reported runs)", fontsize=10)
+    return _save(fig, path)
+
+
+def horizon_plot(analysis: Analysis, path: Path) -> Path | None:
+    """Final validation loss relative to the reference at every horizon (geometric mean over tasks)."""
+    if len(analysis.horizons) < 2:
+        return None
+    plt = _pyplot()
+    colors = _colors(analysis.methods)
+    horizons = sorted(analysis.horizons)
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for method in analysis.methods:
+        ratios = [analysis.horizon_loss_ratio(method, h) for h in horizons]
+        ax.plot(horizons, ratios, marker="o", color=colors[method], label=method)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xticks(horizons, [f"{h:g}x" for h in horizons])
+    ax.set_xlabel("step budget (x the 1x budget)")
+    ax.set_ylabel(f"final valid loss / {analysis.protocol.reference}'s")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title("Horizon transfer", fontsize=10)
+    return _save(fig, path)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence numpy's all-NaN slice warnings (a diverged seed leaves NaN columns; the median is still right)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield

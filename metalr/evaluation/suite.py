@@ -1,0 +1,178 @@
+"""``evaluate_suite``: sample the held-out tasks, plan the cells, run the missing ones, write the report.
+
+Wired in plain sight::
+
+    specs   = held_out_specs(config)                      # fixed by (suite, split, task_seed) before any result
+    preflight(config, specs, controller)                  # every method builds, or one clear error
+    cells   = plan_cells(config, specs)                   # phase 1: default LRs, LR grids, horizons
+    run the cells not yet in results.jsonl                # executor: process pool or Ray
+    cells   = plan_transfer_cells(config, specs, tuned)   # phase 2: tuned LRs at the other horizons
+    run them; render_report(out_dir)
+
+Only this (parent) process appends to ``results.jsonl``, one whole line per finished run, so a killed
+evaluation loses at most the runs in flight, and re-running the same command skips every finished cell.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from metalr.checkpoint import load_controller, resolve_checkpoint
+from metalr.config import ConfigError, EvalConfig, dump_config, load_suite
+from metalr.evaluation.executors import Executor, create_executor
+from metalr.evaluation.harness import Cell, count_transfer_cells, plan_cells, plan_transfer_cells
+from metalr.evaluation.metrics import select_lr
+from metalr.evaluation.report import RESULTS, load_records, render_report
+from metalr.io import append_jsonl
+from metalr.methods import MethodContext, create_method
+from metalr.tasks import TaskSpec, build_task
+from metalr.tasks.registry import sample_specs
+
+
+def held_out_specs(config: EvalConfig) -> list[TaskSpec]:
+    """The tasks to evaluate: ``tasks_per_family`` per family of the suite's ``split``, seeded by ``task_seed``."""
+    suite = load_suite(config.suite)
+    entries = list(getattr(suite, config.split))
+    if config.families:
+        available = [e.family for e in entries]
+        unknown = sorted(set(config.families) - set(available))
+        if unknown:
+            raise ConfigError(f"families {unknown} are not in the {config.split} list of suite {suite.name!r}: {available}")
+        entries = [e for e in entries if e.family in config.families]
+    if not entries:
+        raise ConfigError(f"suite {suite.name!r} lists no {config.split} families to evaluate")
+    specs = sample_specs(entries, config.tasks_per_family, config.task_seed)
+    if config.max_steps:
+        specs = [s.replace(steps=min(s.steps, config.max_steps)) for s in specs]
+    return specs
+
+
+def protocol_of(config: EvalConfig) -> dict[str, Any]:
+    """The protocol settings stored in every record (what ``metalr report`` needs besides the runs)."""
+    return {
+        "name": config.name,
+        "suite": config.suite,
+        "split": config.split,
+        "methods": [entry.display for entry in config.methods],
+        "reference": config.reference,
+        "target": config.target,
+        "tune": config.tune,
+        "seeds": config.seeds,
+        "lr_grid_points": config.lr_grid_points,
+        "horizon_scales": list(config.horizon_scales),
+        "profile_max_ratio": config.profile_max_ratio,
+        "confidence": config.confidence,
+        "bootstrap_samples": config.bootstrap_samples,
+        "divergence_ratio": config.divergence_ratio,
+    }
+
+
+def preflight(config: EvalConfig, specs: Sequence[TaskSpec], controller: Any) -> None:
+    """Build every method once on the first task, so a missing controller or a bad option is one clear
+    error before any run starts (no method is special-cased: each says itself what it lacks)."""
+    spec = specs[0]
+    for entry in config.methods:
+        task = build_task(spec, config.device)
+        context = MethodContext(task, spec.optimizer, spec.base_lr, spec.steps, controller)
+        try:
+            create_method(entry.method, **entry.options).build(task.model.parameters(), context)
+        except (KeyError, ValueError) as err:
+            message = err.args[0] if err.args else str(err)
+            raise ConfigError(f"method {entry.display!r} cannot run: {message}") from None
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Cut a torn last line (a crash mid-append) so the next append starts on a fresh line."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _run(
+    executor: Executor, cells: Sequence[Cell], results: Path, protocol: dict[str, Any], bar: tqdm[Any]
+) -> None:
+    for record in executor.run(cells):
+        record["protocol"] = protocol
+        append_jsonl(results, record)
+        bar.update(1)
+
+
+def evaluate_suite(
+    config: EvalConfig,
+    controller: str | None = None,
+    out_dir: Path | str = Path("runs/evaluate"),
+    workers: int = 0,
+    backend: str = "process",
+    address: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Run every cell of ``config`` that ``out_dir/results.jsonl`` does not hold yet, then write the report.
+
+    Args:
+        config: the evaluation suite.
+        controller: checkpoint path or shipped name handed to every method's context (the ``learned`` method).
+        out_dir: run directory (``results.jsonl``, ``config.yaml``, ``report.md``, ``report.html``, figures).
+        workers: parallel runs (0 = all cores).
+        backend: ``"process"`` (local pool) or ``"ray"``.
+        address: Ray cluster address (``None``: a local Ray instance).
+        progress: show a progress bar (runs done / total, ETA).
+
+    Returns:
+        The summary tables as Markdown.
+
+    Raises:
+        ConfigError: unknown families, a method that cannot be built (e.g. ``learned`` without a controller).
+        CheckpointError: the controller cannot be loaded.
+    """
+    out_dir = Path(out_dir)
+    workers = workers or os.cpu_count() or 1
+    specs = held_out_specs(config)
+    controller_path = str(resolve_checkpoint(controller)) if controller is not None else None
+    preflight(config, specs, load_controller(controller_path) if controller_path else None)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out_dir / "config.yaml")
+    results = out_dir / RESULTS
+    _repair_torn_tail(results)
+    protocol = protocol_of(config)
+
+    phase1 = plan_cells(config, specs)
+    done = {record["key"] for record in load_records(results)}
+    todo = [cell for cell in phase1 if cell.key not in done]
+    total = len(phase1) + count_transfer_cells(config, specs)
+    finished_before = len(phase1) - len(todo)
+    executor: Executor | None = None
+    with tqdm(total=total, initial=finished_before, unit="run", desc=f"evaluate {config.name}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        try:
+            executor = create_executor(backend, workers, controller_path, address)
+            _run(executor, todo, results, protocol, bar)
+
+            planned = {cell.key for cell in phase1}
+            grid = [r for r in load_records(results) if r["key"] in planned and r["lr_source"] == "grid"]
+            tuned_lrs = {}
+            for spec in specs:
+                for entry in config.methods:
+                    lr = select_lr(r for r in grid if r["task_key"] == spec.key and r["method"] == entry.display)
+                    if lr is not None:
+                        tuned_lrs[spec.key, entry.display] = lr
+            phase2 = plan_transfer_cells(config, specs, tuned_lrs)
+            done = {record["key"] for record in load_records(results)}
+            todo2 = [cell for cell in phase2 if cell.key not in done]
+            bar.update(len(phase2) - len(todo2))
+            _run(executor, todo2, results, protocol, bar)
+        finally:
+            if executor is not None:
+                executor.close()
+    return render_report(out_dir)
+
+
+__all__ = ["evaluate_suite", "held_out_specs", "preflight", "protocol_of"]

@@ -1,0 +1,154 @@
+"""The ``higher`` backend (``meta.backend: higher``) for the backprop estimators.
+
+``higher`` (Grefenstette et al., 2019) monkey-patches a module into a stateless one with "fast weights"
+and ships differentiable copies of ``torch.optim`` optimizers. :func:`higher_unroll` is a drop-in for
+:func:`metalr.meta.unroll.unroll`: the same observations, the same controller step, the same
+meta-objective, only the parameter update is done by ``higher``'s ``DifferentiableSGD`` /
+``DifferentiableAdam`` with the controller's LR passed as an ``override`` tensor (so the meta-gradient
+flows into it). The tests check both backends give the same meta-gradient to 1e-6 in float64.
+
+Why keep it, when the native unroll is the default: it is an independent implementation of the update
+rules to check the native one against, and researchers coming from MAML code know it. Why it is not the
+default: it is unmaintained and has no AdamW (requests for ``adamw`` fail with a clear error).
+
+The carried optimizer state (:attr:`InnerRun.opt_state`, in the native layout) is converted to ``higher``'s
+per-parameter state dicts at the start of each truncation and back at the end, so truncations, resumption
+and switching backends between runs all see one state format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metalr.controller import LRController, detach_policy_state
+from metalr.features import Observation
+from metalr.meta.unroll import InnerRun, UnrollResult, extra_observations
+from metalr.tasks.optimizers import OptimizerHyper, make_torch_optimizer
+
+HIGHER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+class HigherBackendError(ValueError):
+    """The ``higher`` backend cannot run this task (missing package, unsupported optimizer)."""
+
+
+def _import_higher() -> Any:
+    try:
+        import higher
+    except ImportError as err:
+        raise HigherBackendError(
+            "meta.backend: higher needs the higher package (pip install 'metalr[higher]'); or use backend: native"
+        ) from err
+    return higher
+
+
+def _load_state(opt: torch.optim.Optimizer, name: str, params: list[torch.nn.Parameter], opt_state: tuple[Tensor, ...]) -> None:
+    """Write the native optimizer state into a ``torch.optim`` optimizer (which ``higher`` copies from)."""
+    n = len(params)
+    count = int(opt_state[0]) if opt_state else 0
+    if name == "momentum" and count > 0:
+        for p, buf in zip(params, opt_state[1 : 1 + n], strict=True):
+            opt.state[p] = {"momentum_buffer": buf}
+    elif name == "adam" and count > 0:
+        for p, m, v in zip(params, opt_state[1 : 1 + n], opt_state[1 + n :], strict=True):
+            opt.state[p] = {"step": count, "exp_avg": m, "exp_avg_sq": v}
+
+
+def _read_state(diffopt: Any, name: str, opt_state: tuple[Tensor, ...], n: int, steps: int) -> tuple[Tensor, ...]:
+    """``higher``'s per-parameter state back in the native layout (see ``metalr.meta.inner``)."""
+    if name == "sgd":
+        return opt_state
+    states = [diffopt.state[0][i] for i in range(n)]
+    count = opt_state[0] + steps
+    if name == "momentum":
+        return (count, *(s["momentum_buffer"] for s in states))
+    return (count, *(s["exp_avg"] for s in states), *(s["exp_avg_sq"] for s in states))
+
+
+def higher_unroll(
+    controller: LRController,
+    run: InnerRun,
+    length: int,
+    differentiable: bool = True,
+    detach_features: bool = False,
+    objective_every: int = 1,
+    valid_every: int = 10,
+) -> UnrollResult:
+    """:func:`metalr.meta.unroll.unroll` with ``higher`` doing the inner updates (same arguments)."""
+    higher = _import_higher()
+    spec = run.task.spec
+    if spec.optimizer not in HIGHER_OPTIMIZERS:
+        raise HigherBackendError(
+            f"the higher backend has no differentiable {spec.optimizer!r} (it supports {list(HIGHER_OPTIMIZERS)}; "
+            f"higher lacks AdamW); use meta.backend: native for task {spec.label}"
+        )
+    run = run.forked()
+    model = run.task.model
+    reference = list(model.parameters())
+    hyper = OptimizerHyper()
+    optimizer = make_torch_optimizer(spec.optimizer, reference, spec.base_lr, hyper)
+    _load_state(optimizer, spec.optimizer, reference, run.opt_state)
+    fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=differentiable)
+    params = [p if p.requires_grad else p.requires_grad_(True) for p in run.params]
+    fmodel.update_params(params)
+    diffopt = higher.optim.get_diff_optim(optimizer, reference, fmodel=fmodel, track_higher_grads=differentiable)
+
+    terms: list[Tensor] = []
+    lrs: list[float] = []
+    train_losses: list[float] = []
+    alarms = 0
+    steps = min(length, spec.steps - run.step)
+    policy = run.policy
+    with torch.enable_grad():
+        for k in range(steps):
+            current = tuple(fmodel.fast_params)
+            batch = next(run.train_stream)
+            outputs: list[Any] = []
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                outputs.append(fmodel(*args, **kwargs))
+                return outputs[-1]
+
+            loss = run.task.loss(call, batch)
+            lr = run.lr(controller, policy)
+            captured: list[tuple[Tensor, ...]] = []
+
+            def keep(grads: Any, captured: list[tuple[Tensor, ...]] = captured) -> Any:
+                captured.append(tuple(grads))
+                return grads
+
+            new_params = tuple(diffopt.step(loss, override={"lr": [lr]}, grad_callback=keep))
+            valid_loss, entropy, budget = extra_observations(
+                controller, replace(run, policy=policy), current, outputs[-1] if outputs else None, valid_every
+            )
+            obs = Observation(
+                loss=loss,
+                grads=captured[0],
+                params=new_params,
+                lr=lr,
+                lr_rel=lr / spec.base_lr,
+                total_steps=torch.full((), float(spec.steps), device=loss.device),
+                valid_loss=valid_loss,
+                entropy=entropy,
+                budget_used=budget,
+            )
+            if detach_features or not differentiable:
+                obs = Observation(*(tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach() for v in obs))
+            _, policy = controller.step(policy, obs)
+            if not differentiable:
+                policy = detach_policy_state(policy)
+            run = replace(run, step=run.step + 1, policy=policy, params=new_params)
+            lrs.append(float(lr))
+            train_losses.append(float(loss))
+            alarms += int(policy.features.alarm.item() > 0)
+            if (k + 1) % objective_every == 0 or k == steps - 1:
+                valid = run.task.loss(fmodel, next(run.valid_stream))
+                terms.append(torch.log(valid / run.initial_valid_loss))
+    opt_state = _read_state(diffopt, spec.optimizer, run.opt_state, len(reference), steps)
+    run = replace(run, params=tuple(fmodel.fast_params), opt_state=opt_state, policy=policy)
+    meta_loss = torch.stack(terms).mean() if terms else torch.zeros(())
+    return UnrollResult(meta_loss, run, lrs, train_losses, alarms)
