@@ -47,9 +47,10 @@ def train_reference(family: RealTaskFamily, steps: int | None, log_every: int) -
         loss.backward()
         optimizer.step()
         schedule.step()
+        value = loss.item()
         if log_every and (step + 1) % log_every == 0:
-            print(f"  {family.name} step {step + 1}/{spec.steps} loss {float(loss):.4f}", file=sys.stderr, flush=True)
-        if not math.isfinite(float(loss)):
+            print(f"  {family.name} step {step + 1}/{spec.steps} loss {value:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        if not math.isfinite(value):
             print(f"  {family.name}: loss diverged at step {step + 1}", file=sys.stderr)
             break
     train_seconds = time.perf_counter() - start

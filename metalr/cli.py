@@ -13,7 +13,7 @@ from typing import NoReturn
 from metalr.checkpoint import CheckpointError
 from metalr.config import ROOT, ConfigError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, FileNotFoundError)
 
 
 class UserError(Exception):
@@ -41,7 +41,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     load_suite(config.suite)  # validate before creating anything on disk
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
-    meta_train(config, out, progress=not args.no_progress)
+    from metalr.meta.trainer import MetaTrainingError
+
+    try:
+        meta_train(config, out, progress=not args.no_progress, resume=args.resume)
+    except MetaTrainingError as err:  # the run's settings cannot work: one line, exit code 2
+        raise UserError(str(err)) from None
     print(f"controller written to {out / 'final.safetensors'}")
     return 0
 

@@ -195,7 +195,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if allowed is not None:
         if isinstance(value, bool) and tp is not bool or not isinstance(value, allowed):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return float(value) if tp is float else value
+        return float(value) if tp is float else value  # type: ignore[arg-type]
     raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
 
 
@@ -391,6 +391,7 @@ class EvalConfig:
 
 
 def _method_entries(value: Any, where: str) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]]
     if not isinstance(value, list):
         raise ConfigError(f"{where}: expected a list of method names or {{method: NAME, ...options}}, got {value!r}")
     entries = []
@@ -399,7 +400,7 @@ def _method_entries(value: Any, where: str) -> list[dict[str, Any]]:
             entries.append({"method": item})
         elif isinstance(item, dict) and isinstance(item.get("method"), str):
             options = {k: v for k, v in item.items() if k not in ("method", "label")}
-            entries.append({"method": item["method"], "options": options, "label": item.get("label", "")})
+            entries.append({"method": item["method"], "options": options, "label": str(item.get("label", ""))})
         else:
             raise ConfigError(f"{where}[{i}]: expected a method name or a mapping with a 'method' key, got {item!r}")
     return entries

@@ -283,8 +283,9 @@ def run_cell(cell: Cell, controller: Any = None) -> dict[str, Any]:
         lr_trace.append(_short(run.optimizer.param_groups[0]["lr"]))  # the LR this step is taken with
         loss = task.loss(task.model, batch)
         loss.backward()
+        loss = loss.detach()
         run.optimizer.step()
-        run.scheduler.step(loss.detach())
+        run.scheduler.step(loss)
         run.optimizer.zero_grad(set_to_none=True)
         value = float(loss)
         train_seconds += time.perf_counter() - tick

@@ -12,7 +12,8 @@ Algorithms"):
 * *target* of a task: the reference method's (tuned cosine's) median final ``inner_valid`` loss, or the best
   such median over the tuned baselines (``target: best_baseline``);
 * *time-to-target* of a run: the first evaluation step (and training seconds) at which ``inner_valid`` loss
-  is at or below the target; ``inf`` when never; per (task, method): the median over seeds;
+  is at or below the target; ``inf`` when never; per (task, method): the lower median over seeds (the time by
+  which half of the seeds got there);
 * *performance profile*: ``rho_m(tau)`` = fraction of tasks where ``t_m / min_m' t_m' <= tau``;
   *AlgoPerf-style score*: the integral of ``rho_m`` over ``[1, r_max]`` divided by ``r_max - 1``.
 """
@@ -27,30 +28,38 @@ from typing import Any
 
 import numpy as np
 
-from metalr.evaluation.statistics import PairedComparison, compare_paired, finite_median, geometric_mean
+from metalr.config import EvalConfig
+from metalr.evaluation.statistics import (
+    PairedComparison,
+    compare_paired,
+    finite_median,
+    geometric_mean,
+    lower_median,
+)
 
 Record = dict[str, Any]
 RunKey = tuple[str, str, float]  # (task key, method label, horizon)
+_DEFAULTS = EvalConfig()
 
 
 @dataclass(frozen=True)
 class ReportProtocol:
     """The protocol settings a report needs, stored in every record (see ``EvalConfig`` for meanings)."""
 
-    name: str = "evaluation"
-    suite: str = ""
-    split: str = "held_out"
+    name: str = _DEFAULTS.name
+    suite: str = _DEFAULTS.suite
+    split: str = _DEFAULTS.split
     methods: tuple[str, ...] = ()
-    reference: str = "cosine"
-    target: str = "reference"
-    tune: bool = True
+    reference: str = _DEFAULTS.reference
+    target: str = _DEFAULTS.target
+    tune: bool = _DEFAULTS.tune
     seeds: int = 0
     lr_grid_points: int = 0
     horizon_scales: tuple[float, ...] = ()
-    profile_max_ratio: float = 4.0
-    confidence: float = 0.95
-    bootstrap_samples: int = 10_000
-    divergence_ratio: float = 1.0
+    profile_max_ratio: float = _DEFAULTS.profile_max_ratio
+    confidence: float = _DEFAULTS.confidence
+    bootstrap_samples: int = _DEFAULTS.bootstrap_samples
+    divergence_ratio: float = _DEFAULTS.divergence_ratio
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReportProtocol:
@@ -279,11 +288,14 @@ class Analysis:
         return self._times[key]
 
     def median_time_to_target(self, runs: Sequence[Record]) -> tuple[float, float]:
-        """Median over seeds of (steps, seconds) to target (``inf`` when most seeds never reach it)."""
+        """(steps, seconds) by which at least half of the seeds reached the target (the lower median).
+
+        ``inf`` when more than half never reach it.
+        """
         if not runs:
             return math.inf, math.inf
         times = [self.run_time_to_target(r) for r in runs]
-        return finite_median([t[0] for t in times]), finite_median([t[1] for t in times])
+        return lower_median([t[0] for t in times]), lower_median([t[1] for t in times])
 
     def steps_table(self, horizon: float = 1.0, seconds: bool = False) -> dict[str, dict[str, float]]:
         """``method -> task -> median steps (or seconds) to target`` at ``horizon``."""

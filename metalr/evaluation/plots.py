@@ -78,8 +78,10 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
     colors = _colors(analysis.methods)
     rows, cols = _grid(len(tasks))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    ratio = analysis.protocol.divergence_ratio
     for ax, task in zip(axes.flat, tasks, strict=False):
-        finite_max = 0.0
+        nonfinite: list[tuple[float, str]] = []
+        positive = True
         for method in analysis.methods:
             curve = analysis.sensitivity_curve(task, method)
             if not curve:
@@ -87,17 +89,21 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
             lrs = np.array([lr for lr, _ in curve])
             losses = np.array([loss for _, loss in curve])
             ok = np.isfinite(losses)
-            finite_max = max(finite_max, float(losses[ok].max()) if ok.any() else 0.0)
+            positive &= bool((losses[ok] > 0).all())
             ax.plot(lrs[ok], losses[ok], marker="o", ms=3, color=colors[method], label=method)
-            diverged_lrs = sorted(
-                {float(r["lr"]) for r in analysis.grid_runs(task, method) if is_diverged(r, analysis.protocol.divergence_ratio)}
-            )
-            if diverged_lrs:
-                top = ax.get_ylim()[1]
-                ax.scatter(diverged_lrs, [top] * len(diverged_lrs), marker="x", color=colors[method], s=25)
-        ax.set_xscale("log")
-        if finite_max > 0:
+            diverged = {float(r["lr"]) for r in analysis.grid_runs(task, method) if is_diverged(r, ratio)}
+            for lr, loss in curve:
+                if lr in diverged and math.isfinite(loss):
+                    ax.scatter([lr], [loss], marker="x", color=colors[method], s=30, zorder=3)
+                elif lr in diverged:
+                    nonfinite.append((lr, method))
+        if positive:
             ax.set_yscale("log")
+        # Non-finite losses have no y; draw them on the top edge once the axis limits are final.
+        top = ax.get_ylim()[1]
+        for lr, method in nonfinite:
+            ax.scatter([lr], [top], marker="x", color=colors[method], s=30, clip_on=False, zorder=3)
+        ax.set_xscale("log")
         ax.set_title(analysis.task_labels[task], fontsize=9)
         ax.set_xlabel("initial LR")
         ax.set_ylabel("final valid loss (median)")
@@ -105,7 +111,7 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Sensitivity to the initial LR (x: a diverged run at that LR)", fontsize=10)
+    fig.suptitle("Sensitivity to the initial LR (x: diverged at that LR; on the top edge: NaN/inf)", fontsize=10)
     return _save(fig, path)
 
 

@@ -84,6 +84,10 @@ def fmt_steps(value: float) -> str:
     return "never" if math.isinf(value) else f"{value:.0f}"
 
 
+def fmt_ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{fmt(value, 3)}x"
+
+
 def fmt_percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.0f}%"
 
@@ -110,15 +114,15 @@ def summary_table(analysis: Analysis) -> Table:
             comparison = analysis.compare(method, reference)
             win = f"{fmt_percent(comparison.win_rate)} [{fmt_percent(comparison.ci_low)}, {fmt_percent(comparison.ci_high)}]"
             p_value = fmt(comparison.p_value, 2)
-            loss_ratio = f"{fmt(math.exp(comparison.median_log_ratio), 3)}x" if comparison.pairs else "-"
+            loss_ratio = fmt_ratio(math.exp(comparison.median_log_ratio)) if comparison.pairs else "-"
         rows.append((
             method,
             "LR grid" if tuned else ("self-tuning" if not analysis.tuned.get(method, False) else "default LR"),
             fmt(analysis.tuning_cost(method), 3),
             fmt(scores[method], 3),
             f"{analysis.reached(method)}/{len(analysis.tasks)}",
-            f"{fmt(speedup, 3)}x ({n_tuned})",
-            f"{fmt(speedup_default, 3)}x ({n_default})",
+            f"{fmt_ratio(speedup)} ({n_tuned})",
+            f"{fmt_ratio(speedup_default)} ({n_default})",
             loss_ratio,
             win,
             p_value,
@@ -227,7 +231,7 @@ def horizon_table(analysis: Analysis) -> Table:
                 method,
                 fmt(scores[method], 3),
                 f"{analysis.reached(method, horizon)}/{len(analysis.tasks)}",
-                f"{fmt(analysis.horizon_loss_ratio(method, horizon), 3)}x",
+                fmt_ratio(analysis.horizon_loss_ratio(method, horizon)),
             ))
     return Table(
         ("budget", "method", "score", "reached target", f"final valid loss / {analysis.protocol.reference}'s"),
@@ -252,7 +256,7 @@ def resources_table(analysis: Analysis) -> Table:
         rows.append((
             method,
             fmt(resources["seconds_per_1k_steps"], 3),
-            f"{fmt(overhead, 3)}x",
+            fmt_ratio(overhead),
             fmt(resources["peak_rss_mb"], 4),
             fmt(resources["peak_cuda_mb"], 4),
             str(analysis.runs_of(method)),

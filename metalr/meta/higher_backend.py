@@ -60,7 +60,7 @@ def _load_state(opt: torch.optim.Optimizer, name: str, params: list[torch.nn.Par
 
 def _read_state(diffopt: Any, name: str, opt_state: tuple[Tensor, ...], n: int, steps: int) -> tuple[Tensor, ...]:
     """``higher``'s per-parameter state back in the native layout (see ``metalr.meta.inner``)."""
-    if name == "sgd":
+    if name == "sgd" or steps == 0:
         return opt_state
     states = [diffopt.state[0][i] for i in range(n)]
     count = opt_state[0] + steps
@@ -109,7 +109,7 @@ def higher_unroll(
             batch = next(run.train_stream)
             outputs: list[Any] = []
 
-            def call(*args: Any, **kwargs: Any) -> Any:
+            def call(*args: Any, outputs: list[Any] = outputs, **kwargs: Any) -> Any:
                 outputs.append(fmodel(*args, **kwargs))
                 return outputs[-1]
 
@@ -121,7 +121,14 @@ def higher_unroll(
                 captured.append(tuple(grads))
                 return grads
 
-            new_params = tuple(diffopt.step(loss, override={"lr": [lr]}, grad_callback=keep))
+            override: dict[str, list[Any]] = {"lr": [lr]}
+            if spec.optimizer == "adam":
+                # higher adds eps before the bias correction (sqrt(v) + eps); torch.optim.Adam, the native
+                # unroll and deployment add it after (sqrt(v / bc2) + eps). Passing eps * sqrt(bc2) per step
+                # makes the two identical, so the backends agree to float64 precision, not just to ~eps.
+                bias_correction2 = 1 - hyper.beta2 ** (int(run.opt_state[0]) + k + 1)
+                override["eps"] = [hyper.eps * bias_correction2**0.5]
+            new_params = tuple(diffopt.step(loss, override=override, grad_callback=keep))
             valid_loss, entropy, budget = extra_observations(
                 controller, replace(run, policy=policy), current, outputs[-1] if outputs else None, valid_every
             )
@@ -142,8 +149,8 @@ def higher_unroll(
             if not differentiable:
                 policy = detach_policy_state(policy)
             run = replace(run, step=run.step + 1, policy=policy, params=new_params)
-            lrs.append(float(lr))
-            train_losses.append(float(loss))
+            lrs.append(float(lr.detach()))
+            train_losses.append(float(loss.detach()))
             alarms += int(policy.features.alarm.item() > 0)
             if (k + 1) % objective_every == 0 or k == steps - 1:
                 valid = run.task.loss(fmodel, next(run.valid_stream))

@@ -305,6 +305,7 @@ class MetaTrainer:
         self.state = LoopState()
         self.logger = _Logger(run_dir, self.context, self.meta.tensorboard)
         self.runs: list[InnerRun | None] = [None] * self.meta.meta_batch
+        self.pending_guard_events = 0
         self.state_dir = run_dir / "resume"
         if not (resume and self._load_resume_state()):
             for slot in range(self.meta.meta_batch):
@@ -337,7 +338,9 @@ class MetaTrainer:
             task = build_task(spec, self.device)
             run = start_run(task, self.controller, self.meta.valid_batch_size)
             if skip:
-                run = unroll(self.controller, run, skip, differentiable=False, objective_every=max(1, skip)).run
+                result = unroll(self.controller, run, skip, differentiable=False, objective_every=max(1, skip))
+                self.pending_guard_events += result.alarms  # reported with the next meta-step's counters
+                run = result.run
             return run
 
     def _check_memory(self, spec: TaskSpec) -> None:
@@ -360,6 +363,8 @@ class MetaTrainer:
         # Packed scalars: used, sum |g_i|^2, sum meta-loss, guard events, skipped, sum lr ratio, lr count.
         scalars = torch.zeros(7, dtype=torch.float64)
         flags = torch.zeros(meta.meta_batch, dtype=torch.float64)
+        scalars[3] += self.pending_guard_events
+        self.pending_guard_events = 0
         for slot, run in enumerate(self.runs):
             if run is None:
                 continue

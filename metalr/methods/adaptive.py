@@ -110,8 +110,13 @@ class GradientVarianceAdam(Optimizer):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas=}")
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, variance_smoothing=variance_smoothing, lr_scaling=lr_scaling,
-            first_moment_update=first_moment_update, weight_decay=weight_decay,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            variance_smoothing=variance_smoothing,
+            lr_scaling=lr_scaling,
+            first_moment_update=first_moment_update,
+            weight_decay=weight_decay,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -199,7 +204,9 @@ class GradientVarianceMethod:
             weight_decay=0.01 if context.optimizer == "adamw" else 0.0,
         )
         return MethodRun(
-            optimizer, SelfTuningLR(optimizer, _variance_scaled_lr), info={"variant": "adam" if adam else "rmsprop"}
+            optimizer,
+            SelfTuningLR(optimizer, _variance_scaled_lr),
+            info={"variant": "adam" if adam else "rmsprop"},
         )
 
 
@@ -305,12 +312,14 @@ class ALRS:
     @torch.no_grad()
     def _track_hypergradient(self) -> None:
         if self._last_delta is not None:
-            pairs = [(p.grad, d) for p, d in zip(self.params, self._last_delta, strict=True) if p.grad is not None]
+            pairs = [
+                (p.grad, d) for p, d in zip(self.params, self._last_delta, strict=True) if p.grad is not None
+            ]
             value = dot([g for g, _ in pairs], [d for _, d in pairs])
             if math.isfinite(value):
                 self._hypergradient += value
         current = [p.detach() for p in self.params]
-        self._last_delta = torch._foreach_sub(current, self._snapshot)
+        self._last_delta = list(torch._foreach_sub(current, self._snapshot))
         torch._foreach_copy_(self._snapshot, current)
 
     def step(self, loss: Tensor | float | None = None) -> None:
@@ -391,8 +400,12 @@ class ALRSMethod:
     max_lr_ratio: float = 10.0
     valid_examples: int = 512
     name: str = "alrs"
-    description: str = "ALRS: 2x64 ReLU net predicts each epoch's LR from loss/accuracy, trained online (plan 2)"
-    source: str = "experiment plan: ALRS (online LR network); training signal: hypergradient, Baydin et al. 2018"
+    description: str = (
+        "ALRS: 2x64 ReLU net predicts each epoch's LR from loss/accuracy, trained online (plan 2)"
+    )
+    source: str = (
+        "experiment plan: ALRS (online LR network); training signal: hypergradient, Baydin et al. 2018"
+    )
     tuned: bool = True
     owns_optimizer: bool = False
 
@@ -400,7 +413,9 @@ class ALRSMethod:
         params = require_list(params)
         optimizer = make_torch_optimizer(context.optimizer, params, context.base_lr)
         model = model_owning(params, context)
-        validate = _inner_valid_metrics(context.task, model, self.valid_examples) if model is not None else None
+        validate = (
+            _inner_valid_metrics(context.task, model, self.valid_examples) if model is not None else None
+        )
         scheduler = ALRS(
             optimizer,
             params,
@@ -524,7 +539,12 @@ class UncertaintyThresholdLR:
         proxy = self._loss_proxy(loss)  # kept current every step so a switch of source is seamless
         outputs = self._outputs if self._outputs is not None else (self.tap.take() if self.tap else None)
         self._outputs = None
-        if outputs is not None and self.num_classes and outputs.ndim >= 2 and outputs.shape[-1] == self.num_classes:
+        if (
+            outputs is not None
+            and self.num_classes
+            and outputs.ndim >= 2
+            and outputs.shape[-1] == self.num_classes
+        ):
             return categorical_variance(outputs), "outputs"
         return proxy, "loss"
 
@@ -560,7 +580,9 @@ class UncertaintyMethod:
     max_lr_ratio: float = 1.0
     name: str = "uncertainty"
     description: str = "halve the LR when prediction variance > 0.01 or grad norm > 0.1, else x1.05 (plan 3)"
-    source: str = "experiment plan: uncertainty-threshold scheduler; increase factor: bold driver, Vogl et al. 1988"
+    source: str = (
+        "experiment plan: uncertainty-threshold scheduler; increase factor: bold driver, Vogl et al. 1988"
+    )
     tuned: bool = True
     owns_optimizer: bool = False
 
@@ -592,7 +614,9 @@ def uncertainty(
     min_lr_ratio: float = 1e-3,
     max_lr_ratio: float = 1.0,
 ) -> UncertaintyMethod:
-    return UncertaintyMethod(variance_threshold, grad_norm_threshold, decrease, increase, min_lr_ratio, max_lr_ratio)
+    return UncertaintyMethod(
+        variance_threshold, grad_norm_threshold, decrease, increase, min_lr_ratio, max_lr_ratio
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -720,7 +744,9 @@ class ResourceAwareLR:
         gain: float = 2.0,
     ) -> None:
         if steps_per_epoch <= 0 or batch_size <= 0:
-            raise ValueError(f"steps_per_epoch and batch_size must be positive, got {steps_per_epoch=}, {batch_size=}")
+            raise ValueError(
+                f"steps_per_epoch and batch_size must be positive, got {steps_per_epoch=}, {batch_size=}"
+            )
         if not (0 < lr_bounds[0] <= lr_bounds[1]):
             raise ValueError(f"lr_bounds must satisfy 0 < low <= high, got {lr_bounds=}")
         if min(weights) < 0 or not math.isclose(sum(weights), 1.0):
@@ -757,7 +783,9 @@ class ResourceAwareLR:
         self.best_throughput = max(self.best_throughput, throughput)
         reading = self.probe.read()
         self.last_reading = reading
-        busy = reading.utilisation if reading.utilisation is not None else 1 - throughput / self.best_throughput
+        busy = (
+            reading.utilisation if reading.utilisation is not None else 1 - throughput / self.best_throughput
+        )
         terms = [busy] + ([reading.memory] if reading.memory is not None else [])
         self.pressure = _clip01(sum(terms) / len(terms))
 
@@ -794,7 +822,9 @@ class ResourceAwareMethod:
     max_lr: float = 1e-2
     gain: float = 2.0
     name: str = "resource_aware"
-    description: str = "per-epoch LR from resource use and batch/dataset complexity, 0.5/0.5, in [1e-6, 1e-2] (plan 4)"
+    description: str = (
+        "per-epoch LR from resource use and batch/dataset complexity, 0.5/0.5, in [1e-6, 1e-2] (plan 4)"
+    )
     source: str = "experiment plan: resource-aware scheduler (weights 0.5/0.5, LR bounds [1e-6, 1e-2])"
     tuned: bool = True
     owns_optimizer: bool = False

@@ -18,7 +18,7 @@ grid and the best grid point is reported; self-tuning methods get one run per se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -33,7 +33,7 @@ class Policy(Protocol):
 
     def step(self, loss: Tensor | float | None = None) -> None: ...
 
-    def get_last_lr(self) -> list[float]: ...
+    def get_last_lr(self) -> Sequence[float | Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,20 @@ class MethodRun:
 class Method(Protocol):
     """A named LR method. ``build`` is called once per run, with the method's hyperparameters bound."""
 
-    name: str
-    description: str
-    source: str
-    tuned: bool
-    owns_optimizer: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def tuned(self) -> bool: ...  # True: run over the initial-LR grid; False: self-tuning, one run per seed
+
+    @property
+    def owns_optimizer(self) -> bool: ...  # True: builds its own optimizer instead of the task's base one
 
     def build(self, params: Iterable[Tensor], context: MethodContext) -> MethodRun: ...
 

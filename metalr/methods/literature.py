@@ -37,7 +37,9 @@ def _family(context: MethodContext) -> str:
         return "adam"
     if context.optimizer in SGD_FAMILY:
         return "sgd"
-    raise ValueError(f"unknown base optimizer {context.optimizer!r}; expected one of {[*SGD_FAMILY, *ADAM_FAMILY]}")
+    raise ValueError(
+        f"unknown base optimizer {context.optimizer!r}; expected one of {[*SGD_FAMILY, *ADAM_FAMILY]}"
+    )
 
 
 def _task_weight_decay(context: MethodContext) -> float:
@@ -87,7 +89,11 @@ class _HypergradientOptimizer(Optimizer):
             previous = [self.state[p]["direction"] for p in params if "direction" in self.state[p]]
             if previous and len(previous) == len(params):
                 grads = [p.grad for p in params]
-                hypergradient = float(torch.stack([(g * u).sum(dtype=torch.float64) for g, u in zip(grads, previous, strict=True)]).sum())
+                hypergradient = float(
+                    torch.stack(
+                        [(g * u).sum(dtype=torch.float64) for g, u in zip(grads, previous, strict=True)]
+                    ).sum()
+                )
                 if hypergradient == hypergradient and abs(hypergradient) != float("inf"):  # skip NaN/inf
                     floor = group["min_lr_ratio"] * group["initial_hd_lr"]
                     group["lr"] = max(group["lr"] + group["hypergrad_lr"] * hypergradient, floor)
@@ -130,7 +136,11 @@ class SGDHD(_HypergradientOptimizer):
         if nesterov and momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         defaults = dict(
-            lr=lr, initial_hd_lr=lr, hypergrad_lr=hypergrad_lr, momentum=momentum, nesterov=nesterov,
+            lr=lr,
+            initial_hd_lr=lr,
+            hypergrad_lr=hypergrad_lr,
+            momentum=momentum,
+            nesterov=nesterov,
             min_lr_ratio=min_lr_ratio,
         )
         super().__init__(params, defaults)
@@ -174,7 +184,12 @@ class AdamHD(_HypergradientOptimizer):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas=}")
         defaults = dict(
-            lr=lr, initial_hd_lr=lr, hypergrad_lr=hypergrad_lr, betas=betas, eps=eps, min_lr_ratio=min_lr_ratio
+            lr=lr,
+            initial_hd_lr=lr,
+            hypergrad_lr=hypergrad_lr,
+            betas=betas,
+            eps=eps,
+            min_lr_ratio=min_lr_ratio,
         )
         super().__init__(params, defaults)
 
@@ -217,11 +232,15 @@ class HypergradientMethod:
         family = _family(context)
         optimizer: Optimizer
         if family == "adam":
-            optimizer = AdamHD(params, context.base_lr, self.adam_hypergrad_lr, min_lr_ratio=self.min_lr_ratio)
+            optimizer = AdamHD(
+                params, context.base_lr, self.adam_hypergrad_lr, min_lr_ratio=self.min_lr_ratio
+            )
             variant = "Adam-HD"
         else:
             momentum = OptimizerHyper().momentum if context.optimizer == "momentum" else 0.0
-            optimizer = SGDHD(params, context.base_lr, self.sgd_hypergrad_lr, momentum, min_lr_ratio=self.min_lr_ratio)
+            optimizer = SGDHD(
+                params, context.base_lr, self.sgd_hypergrad_lr, momentum, min_lr_ratio=self.min_lr_ratio
+            )
             variant = "SGD-HD" + (" (momentum 0.9)" if momentum else "")
         return MethodRun(optimizer, SelfTuningLR(optimizer), info={"variant": variant})
 
@@ -273,7 +292,10 @@ class ScheduleFreeMethod:
         optimizer: Any
         if _family(context) == "adam":
             optimizer = schedulefree.AdamWScheduleFree(
-                params, lr=context.base_lr, betas=(self.beta1, 0.999), warmup_steps=warmup,
+                params,
+                lr=context.base_lr,
+                betas=(self.beta1, 0.999),
+                warmup_steps=warmup,
                 weight_decay=_task_weight_decay(context),
             )
             variant = "AdamWScheduleFree"
@@ -293,7 +315,9 @@ class ScheduleFreeMethod:
 
 
 @register_method("schedulefree")
-def schedule_free(warmup_fraction: float = 0.05, momentum: float = 0.9, beta1: float = 0.9) -> ScheduleFreeMethod:
+def schedule_free(
+    warmup_fraction: float = 0.05, momentum: float = 0.9, beta1: float = 0.9
+) -> ScheduleFreeMethod:
     return ScheduleFreeMethod(warmup_fraction, momentum, beta1)
 
 
@@ -327,7 +351,9 @@ class DistanceAdaptiveMethod:
     def build(self, params: Iterable[Tensor], context: MethodContext) -> MethodRun:
         schedule = _schedule(self.schedule)(context.total_steps)
         optimizer = self.make(require_list(params), self.lr, _task_weight_decay(context))
-        return MethodRun(optimizer, SelfTuningLR(optimizer, _d_times_lr, schedule), info={"schedule": self.schedule})
+        return MethodRun(
+            optimizer, SelfTuningLR(optimizer, _d_times_lr, schedule), info={"schedule": self.schedule}
+        )
 
 
 def _prodigy(params: list[Tensor], lr: float, weight_decay: float) -> Optimizer:
@@ -421,7 +447,9 @@ class DoGMethod:
     averaging_gamma: float = 8.0
     layerwise: bool = False
     name: str = "dog"
-    description: str = "DoG: parameter-free SGD (distance over gradients), evaluated at its polynomial-decay average"
+    description: str = (
+        "DoG: parameter-free SGD (distance over gradients), evaluated at its polynomial-decay average"
+    )
     source: str = "Ivgi, Hinder & Carmon, ICML 2023 (DoG is SGD's Best Friend); package dog-optimizer"
     tuned: bool = False
     owns_optimizer: bool = True
@@ -442,7 +470,9 @@ class DoGMethod:
         averager = PolynomialDecayAverager(model, gamma=self.averaging_gamma)
         swap = IterateSwap(model, lambda: averager.averaged_model)
         policy = SelfTuningLR(optimizer, _dog_eta, after_step=averager.step)
-        return MethodRun(optimizer, policy, eval_enter=swap.enter, eval_exit=swap.exit, info={"averaging": True})
+        return MethodRun(
+            optimizer, policy, eval_enter=swap.enter, eval_exit=swap.exit, info={"averaging": True}
+        )
 
 
 @register_method("dog")

@@ -182,11 +182,20 @@ class Task:
 class TaskFamily(Protocol):
     """Samples concrete :class:`TaskSpec` s and builds them into :class:`Task` s."""
 
-    name: str
-    description: str
-    dataset: str
-    model: str
-    budget: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def dataset(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def budget(self) -> str: ...
 
     def sample(self, generator: torch.Generator) -> TaskSpec: ...
 

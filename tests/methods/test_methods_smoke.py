@@ -52,7 +52,11 @@ def test_method_runs_through_the_harness_loop(name: str, optimizer: str) -> None
             live = [p.detach().clone() for p in model.parameters()]
             with run.evaluating():
                 valid_loss = task.evaluate(model, "inner_valid")["loss"]
-            assert all(torch.equal(a, b) for a, b in zip(live, model.parameters(), strict=True)), "eval_exit restores"
+            # Schedule-Free recomputes y from x and z on train(): equal up to rounding.
+            restored = all(
+                torch.allclose(a, b, atol=1e-6) for a, b in zip(live, model.parameters(), strict=True)
+            )
+            assert restored, f"{name}: eval_exit must restore the training weights"
             assert math.isfinite(valid_loss)
             run.on_validation(valid_loss)
     assert all(math.isfinite(x) for x in losses), f"{name}: losses={losses}"

@@ -18,6 +18,7 @@ Resolution order, per dataset:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import shutil
@@ -217,3 +218,18 @@ def require_columns(name: str, path: Path, columns: Sequence[str], expected: Seq
     missing = [c for c in expected if c not in columns]
     if missing:
         raise malformed(name, path, f"missing columns {missing}; found {list(columns)}, expected {list(expected)}")
+
+
+def check_field_counts(name: str, path: Path, expected: int, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> None:
+    """Every non-blank line has ``expected`` fields (lines starting with ``|`` are adult.test's comment).
+
+    pandas pads short rows with missing values (or drops them), so without this a file cut off in
+    the middle of a line would load as a shorter, valid-looking one.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for line, fields in enumerate(csv.reader(handle, delimiter=delimiter, quoting=quoting), start=1):
+                if fields and not fields[0].startswith("|") and len(fields) != expected:
+                    raise malformed(name, path, f"line {line} has {len(fields)} fields, expected {expected} (truncated or not the original file?)")
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise malformed(name, path, f"cannot parse as CSV ({type(err).__name__}: {err})") from None

@@ -13,7 +13,14 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from metalr.tasks.datasets.base import FileLayout, LoaderSpec, load_with_fallback, malformed, require_columns
+from metalr.tasks.datasets.base import (
+    FileLayout,
+    LoaderSpec,
+    check_field_counts,
+    load_with_fallback,
+    malformed,
+    require_columns,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,6 +43,7 @@ def _read_titanic(folder: Path, layout: FileLayout) -> DatasetDict:
     from datasets import Dataset, DatasetDict
 
     path = folder / "train.csv"
+    check_field_counts("titanic", path, len(TITANIC_COLUMNS))
     try:
         frame = pd.read_csv(path)
     except Exception as err:  # pandas raises several parser error types
@@ -57,15 +65,21 @@ def _read_titanic(folder: Path, layout: FileLayout) -> DatasetDict:
     )
 
 
-def _read_adult_file(path: Path) -> pd.DataFrame:
+def _read_adult_file(path: Path, test: bool) -> pd.DataFrame:
     import pandas as pd
 
+    check_field_counts("adult", path, len(ADULT_COLUMNS))
     try:
         # adult.test starts with "|1x3 Cross validator" and ends its labels with "."; "?" marks missing values.
         frame = pd.read_csv(path, header=None, names=list(ADULT_COLUMNS), skipinitialspace=True, na_values="?", comment="|", skip_blank_lines=True)
     except Exception as err:
         raise malformed("adult", path, f"cannot parse CSV ({type(err).__name__}: {err})") from None
-    income = frame["income"].astype("string").str.rstrip(".")
+    raw_income = frame["income"].astype("string")
+    if test and not raw_income.str.endswith(".").fillna(False).all():
+        # Every label of adult.test ends with "."; one without it is a cut-off last line.
+        row = int((~raw_income.str.endswith(".").fillna(False)).to_numpy().argmax())
+        raise malformed("adult", path, f"data row {row + 1} has income {raw_income.iloc[row]!r}; every adult.test label ends with '.' (truncated file?)")
+    income = raw_income.str.rstrip(".")
     bad = ~income.isin(["<=50K", ">50K"])
     if bad.any():
         row = int(bad.to_numpy().argmax())
@@ -81,7 +95,7 @@ def _read_adult_file(path: Path) -> pd.DataFrame:
 def _read_adult(folder: Path, layout: FileLayout) -> DatasetDict:
     from datasets import Dataset, DatasetDict
 
-    return DatasetDict({split: Dataset.from_pandas(_read_adult_file(folder / name)) for split, name in (("train", "adult.data"), ("test", "adult.test"))})
+    return DatasetDict({split: Dataset.from_pandas(_read_adult_file(folder / name, split == "test")) for split, name in (("train", "adult.data"), ("test", "adult.test"))})
 
 
 def load_titanic(data_dir: str | os.PathLike[str] | None = None) -> DatasetDict:

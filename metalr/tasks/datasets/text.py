@@ -19,6 +19,7 @@ from metalr.tasks.datasets.base import (
     LoaderSpec,
     cache_root,
     cached_arrow,
+    check_field_counts,
     load_with_fallback,
     malformed,
 )
@@ -144,6 +145,8 @@ def _read_sst2(folder: Path, layout: FileLayout) -> DatasetDict:
 
     # GLUE's dev set is the labelled evaluation split (its test.tsv has no labels).
     files = {"train": folder / "train.tsv", "test": folder / "dev.tsv"}
+    for path in files.values():
+        check_field_counts("sst2", path, 2, delimiter="\t", quoting=csv.QUOTE_NONE)
     loaded = _read_csv("sst2", files, delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
     out = {}
     for split, path in files.items():
@@ -167,6 +170,8 @@ def _read_ag_news(folder: Path, layout: FileLayout) -> DatasetDict:
     from datasets import DatasetDict
 
     files = {"train": folder / "train.csv", "test": folder / "test.csv"}
+    for path in files.values():
+        check_field_counts("ag_news", path, 3)
     loaded = _read_csv("ag_news", files, header=None, column_names=["label", "title", "description"], keep_default_na=False)
     out = {}
     for split, path in files.items():

@@ -1,0 +1,168 @@
+"""Reference checks of the meta-gradient estimators and truncation schedules.
+
+The key check (issue 5): on a float64 problem whose true full-horizon meta-gradient is computed by
+backprop through the whole unroll, PES summed over the truncations is unbiased, while truncated backprop
+(and truncated ES) are measurably biased (short-horizon bias, Wu et al., ICLR 2018; Vicol et al., 2021).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from metalr.config import MetaConfig
+from metalr.controller import ArchConfig, LRController, PolicyConfig
+from metalr.features import FeatureSpec
+from metalr.meta.estimators import EstimatorError, create_estimator
+from metalr.meta.truncation import make_truncation_schedule
+from metalr.meta.unroll import InnerRun, start_run, unroll
+from metalr.tasks import TaskSpec, build_task
+
+HORIZON, TRUNCATION = 40, 5
+
+
+def _quadratic(steps: int = HORIZON, optimizer: str = "sgd", base_lr: float = 0.5) -> TaskSpec:
+    return TaskSpec(
+        family="noisy_quadratic",
+        seed=3,
+        optimizer=optimizer,
+        base_lr=base_lr,
+        steps=steps,
+        batch_size=8,
+        options={"dim": 8, "condition": 30.0, "noise": 0.1},
+    )
+
+
+def _schedule_controller(bias: float = -0.3) -> LRController:
+    """Only the head bias b is trainable: the LR is base_lr * exp(0.1 t tanh(b)), an exponential schedule
+    with one meta-parameter, so a few hundred ES perturbations estimate its gradient well."""
+    torch.manual_seed(0)
+    controller = LRController(FeatureSpec(groups=("progress",)), PolicyConfig(guard_cut=1.0), ArchConfig(hidden=(4,)))
+    controller = controller.double()
+    for name, p in controller.named_parameters():
+        p.requires_grad_(name == "net.head.bias")
+    with torch.no_grad():
+        controller.net.head.bias.fill_(bias)
+    return controller
+
+
+def _fresh(controller: LRController, spec: TaskSpec | None = None) -> InnerRun:
+    return start_run(build_task(spec or _quadratic()), controller, valid_batch_size=16, dtype=torch.float64)
+
+
+def _bias_index(controller: LRController) -> int:
+    return [n for n, _ in controller.named_parameters()].index("net.head.bias")
+
+
+def _summed_over_horizon(controller: LRController, estimator: str, seed: int = 0, pairs: int = 1) -> float:
+    """Sum of one estimator's per-truncation estimates over the whole horizon (state carried)."""
+    est = create_estimator(MetaConfig(estimator=estimator, es_pairs=pairs, es_sigma=0.01))
+    run, total, truncation = _fresh(controller), 0.0, 0
+    while not run.done:
+        estimate = est(controller, run, TRUNCATION, seed=seed * 1000 + truncation)
+        total += float(estimate.grads[_bias_index(controller)])
+        run, truncation = estimate.run, truncation + 1
+    assert truncation == HORIZON // TRUNCATION
+    return total
+
+
+def _true_gradient(controller: LRController) -> float:
+    # The objective the truncations estimate: the sum of per-truncation means = (T / K) x full-horizon mean.
+    full = unroll(controller, _fresh(controller), HORIZON, differentiable=True).meta_loss * (HORIZON / TRUNCATION)
+    return float(torch.autograd.grad(full, [controller.net.head.bias])[0])
+
+
+@pytest.mark.slow
+def test_pes_is_unbiased_over_the_horizon_where_truncated_estimators_are_biased() -> None:
+    controller = _schedule_controller()
+    true = _true_gradient(controller)
+    tbptt = _summed_over_horizon(controller, "tbptt")
+    pes = [_summed_over_horizon(controller, "pes", seed=s, pairs=20) for s in range(6)]
+    es = [_summed_over_horizon(controller, "es", seed=s, pairs=20) for s in range(2)]
+    pes_mean = statistics.fmean(pes)
+    pes_stderr = statistics.stdev(pes) / math.sqrt(len(pes))
+    # Truncated backprop sees only the last K steps of each LR decision: far off the true gradient.
+    assert abs(tbptt - true) > 0.5 * abs(true), (tbptt, true)
+    # Truncated ES estimates the same truncated (biased) gradient as TBPTT, not the true one.
+    assert abs(statistics.fmean(es) - tbptt) < 0.3 * abs(tbptt), (es, tbptt)
+    assert abs(statistics.fmean(es) - true) > 0.5 * abs(true)
+    # PES: within sampling error of the true full-horizon gradient.
+    assert abs(pes_mean - true) < max(4 * pes_stderr, 0.15 * abs(true)), (pes, true)
+    assert abs(pes_mean - true) < 0.25 * abs(true), (pes_mean, true)
+
+
+def test_full_backprop_is_the_gradient_of_the_whole_unroll() -> None:
+    controller = _schedule_controller()
+    spec = _quadratic(steps=12)
+    estimate = create_estimator(MetaConfig(estimator="full"))(controller, _fresh(controller, spec), 3)
+    assert estimate.run.done and estimate.steps == 12
+    whole = unroll(controller, _fresh(controller, spec), 12, differentiable=True).meta_loss
+    expected = torch.autograd.grad(whole, [controller.net.head.bias])[0]
+    torch.testing.assert_close(estimate.grads[_bias_index(controller)], expected, rtol=1e-12, atol=0)
+    # Frozen parameters get an exact zero, not a missing entry.
+    assert all(float(g.abs().sum()) == 0 for (n, _), g in zip(controller.named_parameters(), estimate.grads, strict=True) if n != "net.head.bias")
+
+
+def test_full_backprop_refuses_horizons_above_the_limit() -> None:
+    controller = _schedule_controller()
+    estimator = create_estimator(MetaConfig(estimator="full", max_full_horizon=20))
+    with pytest.raises(EstimatorError, match=r"40 steps > meta.max_full_horizon=20"):
+        estimator(controller, _fresh(controller), 5)
+
+
+def test_es_and_pes_leave_the_run_untouched_and_are_deterministic_in_the_seed() -> None:
+    controller = _schedule_controller()
+    run = _fresh(controller)
+    position = run.train_stream.position
+    for name in ("es", "pes"):
+        estimator = create_estimator(MetaConfig(estimator=name, es_pairs=2))
+        first = estimator(controller, run, TRUNCATION, seed=5)
+        second = estimator(controller, run, TRUNCATION, seed=5)
+        third = estimator(controller, run, TRUNCATION, seed=6)
+        assert run.train_stream.position == position and run.step == 0
+        assert first.run.step == TRUNCATION and first.run.train_stream.position == position + TRUNCATION
+        assert all(torch.equal(a, b) for a, b in zip(first.grads, second.grads, strict=True))
+        assert not all(torch.equal(a, b) for a, b in zip(first.grads, third.grads, strict=True))
+    pes_state = first.run.estimator_state["pes"]
+    assert len(pes_state.params) == 4 and len(pes_state.accumulated) == 2
+
+
+def test_pes_particles_persist_and_accumulate_noise() -> None:
+    controller = _schedule_controller()
+    estimator = create_estimator(MetaConfig(estimator="pes", es_pairs=1, es_sigma=0.1))
+    one = estimator(controller, _fresh(controller), TRUNCATION, seed=1)
+    two = estimator(controller, one.run, TRUNCATION, seed=2)
+    xi1 = one.run.estimator_state["pes"].accumulated[0][0]  # xi of the one trainable parameter
+    xi2 = two.run.estimator_state["pes"].accumulated[0][0]
+    assert not torch.equal(xi1, xi2)
+    # The +/- particles follow different trajectories (their own perturbed controllers).
+    plus, minus = two.run.estimator_state["pes"].params
+    assert not torch.equal(plus[0], minus[0])
+
+
+def test_backend_higher_is_refused_for_the_es_estimators() -> None:
+    with pytest.raises(EstimatorError, match="backprop estimators"):
+        create_estimator(MetaConfig(estimator="pes", backend="higher"))
+    with pytest.raises(KeyError, match="expected one of"):
+        create_estimator(MetaConfig(estimator="reinforce"))
+
+
+def test_truncation_schedules() -> None:
+    assert [make_truncation_schedule("constant", 20)(s) for s in range(3)] == [20, 20, 20]
+    curriculum = make_truncation_schedule("curriculum", 100, min_length=10, curriculum_steps=50)
+    lengths = [curriculum(s) for s in range(0, 80, 10)]
+    assert lengths[0] == 10 and lengths[5:] == [100, 100, 100]
+    assert lengths == sorted(lengths)
+    log_uniform = make_truncation_schedule("log_uniform", 200, min_length=5, seed=1)
+    draws = [log_uniform(s) for s in range(300)]
+    assert min(draws) >= 5 and max(draws) <= 200
+    assert draws == [log_uniform(s) for s in range(300)], "a pure function of the meta-step"
+    # Log-uniform: about half the draws below the geometric mean sqrt(5 * 200) = 31.6.
+    assert 0.35 < sum(d < 31.6 for d in draws) / len(draws) < 0.65
+    with pytest.raises(ValueError, match="unknown truncation schedule"):
+        make_truncation_schedule("linear", 10)
+    with pytest.raises(ValueError, match="min_length <= max_length"):
+        make_truncation_schedule("log_uniform", 10, min_length=20)
