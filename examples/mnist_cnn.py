@@ -61,5 +61,6 @@ for step in range(total):
         print(f"step {step + 1}/{total}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
 
 with torch.no_grad():
-    accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    predictions = torch.cat([model(batch).argmax(1) for batch in x_test.split(1000)])
+accuracy = (predictions == y_test).float().mean().item()
 print(f"test accuracy {accuracy:.4f}")

@@ -64,7 +64,7 @@ class ReportProtocol:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReportProtocol:
         known = {f.name for f in fields(cls)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         return cls(**values)
 
 
@@ -239,15 +239,17 @@ class Analysis:
         """
         index = (task, method, horizon)
         if index not in self._reported:
-            chosen: tuple[list[Record], float | None] = (self.runs(task, method, horizon, "default"), None)
+            chosen: tuple[list[Record], float | None] = (_one_per_seed(self.runs(task, method, horizon, "default")), None)
             if self.protocol.tune and self.tuned.get(method, False):
-                grid = self.grid_runs(task, method, horizon)
-                transfer = self.runs(task, method, horizon, "transfer")
-                lr = select_lr(grid)
+                lr = select_lr(self.grid_runs(task, method, horizon))
                 if lr is not None:
-                    chosen = ([r for r in grid if float(r["lr"]) == lr], lr)
-                elif transfer:
-                    chosen = (transfer, float(transfer[0]["lr"]))
+                    chosen = (_one_per_seed([r for r in self.grid_runs(task, method, horizon) if r["lr"] == lr]), lr)
+                elif horizon != 1.0:
+                    # Other horizons reuse the LR tuned at 1x; runs at any other LR are from an older suite.
+                    lr = select_lr(self.grid_runs(task, method))
+                    transfer = [r for r in self.runs(task, method, horizon, "transfer") if r["lr"] == lr]
+                    if transfer:
+                        chosen = (_one_per_seed(transfer), lr)
             self._reported[index] = chosen
         return self._reported[index]
 
@@ -440,6 +442,11 @@ class Analysis:
 
     def runs_of(self, method: str) -> int:
         return sum(1 for r in self.records if r["method"] == method)
+
+
+def _one_per_seed(runs: Sequence[Record]) -> list[Record]:
+    """One run per seed, the most recently written (runs of an older suite version may share a directory)."""
+    return sorted({int(r["seed"]): r for r in runs}.values(), key=lambda r: int(r["seed"]))
 
 
 def _unique_labels(labels: dict[str, str], order: Sequence[str]) -> dict[str, str]:

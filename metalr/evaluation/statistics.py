@@ -16,9 +16,10 @@ from scipy import stats
 # Paired log-ratios are clipped here before ranking: a diverged run (loss = inf) must count as a large
 # loss, not make every rank infinite. e^10 ~ 2e4x worse is far beyond any ratio between converged runs.
 LOG_RATIO_CLIP = 10.0
+Values = Sequence[float] | np.ndarray
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+def mean_ci(values: Values, confidence: float = 0.95) -> tuple[float, float]:
     """Mean and half-width of the Student-t confidence interval over seeds.
 
     Non-finite values (diverged runs) make the mean infinite rather than being dropped silently.
@@ -39,7 +40,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
 
 
 def bootstrap_ci(
-    values: Sequence[float],
+    values: Values,
     statistic: Callable[[np.ndarray], np.ndarray] = lambda x: x.mean(axis=-1),
     confidence: float = 0.95,
     n_resamples: int = 10_000,
@@ -64,7 +65,7 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
-def wilcoxon_p(differences: Sequence[float]) -> float:
+def wilcoxon_p(differences: Values) -> float:
     """Two-sided Wilcoxon signed-rank p-value of paired differences (scipy's default method).
 
     All-zero differences (identical methods) give p = 1 instead of scipy's warning and ``nan``.
@@ -77,7 +78,7 @@ def wilcoxon_p(differences: Sequence[float]) -> float:
     return float(stats.wilcoxon(data, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
-def paired_log_ratios(losses: Sequence[float], baseline_losses: Sequence[float]) -> np.ndarray:
+def paired_log_ratios(losses: Values, baseline_losses: Values) -> np.ndarray:
     """``log(loss / baseline_loss)`` per pair, scale-free across tasks; negative means better.
 
     Non-finite losses count as infinitely bad (two diverged runs tie), and the result is clipped to
@@ -91,7 +92,7 @@ def paired_log_ratios(losses: Sequence[float], baseline_losses: Sequence[float])
     return np.clip(ratio, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
 
 
-def _as_loss(values: Sequence[float]) -> np.ndarray:
+def _as_loss(values: Values) -> np.ndarray:
     data = np.asarray(values, dtype=float)
     data = np.where(np.isfinite(data), data, np.inf)
     # A loss of exactly 0 would make the log-ratio infinite; 1e-12 is below any loss a float32 run reports.
@@ -120,8 +121,8 @@ class PairedComparison:
 
 
 def compare_paired(
-    losses: Sequence[float],
-    baseline_losses: Sequence[float],
+    losses: Values,
+    baseline_losses: Values,
     confidence: float = 0.95,
     n_resamples: int = 10_000,
     seed: int = 0,
@@ -144,13 +145,13 @@ def compare_paired(
     )
 
 
-def geometric_mean(values: Sequence[float]) -> float:
+def geometric_mean(values: Values) -> float:
     """Geometric mean of positive finite values (``nan`` when there are none)."""
     data = np.asarray([v for v in values if math.isfinite(v) and v > 0], dtype=float)
     return float(np.exp(np.log(data).mean())) if data.size else math.nan
 
 
-def finite_median(values: Sequence[float]) -> float:
+def finite_median(values: Values) -> float:
     """Median where non-finite values count as +infinity (a diverged or never-finishing run)."""
     data = np.asarray(values, dtype=float)
     if data.size == 0:
@@ -158,7 +159,7 @@ def finite_median(values: Sequence[float]) -> float:
     return float(np.median(np.where(np.isnan(data), np.inf, data)))
 
 
-def lower_median(values: Sequence[float]) -> float:
+def lower_median(values: Values) -> float:
     """The lower middle value (an element of the data; non-finite counts as +infinity).
 
     For times-to-target over seeds this is "the time by which at least half of the seeds got there": with an

@@ -227,14 +227,14 @@ def build_image_task(spec: TaskSpec) -> Task:
     data = image_data(o["dataset"], o.get("data_dir"))
     splits = _train_valid_test(data.splits, o, spec.seed)
     channels, side = splits["train"]["x"].shape[1], splits["train"]["x"].shape[2]
-    k, stats = data.num_classes, {"mean": data.mean, "std": data.std}
+    k, mean, std = data.num_classes, data.mean, data.std
     arch = o["arch"]
     factories: dict[str, Callable[[], nn.Module]] = {
-        "cnn2": lambda: vision.cnn2(channels, k, side, tuple(o["channels"]), o["hidden"], o.get("dropout", 0.0), **stats),
-        "lenet5": lambda: vision.lenet5(channels, k, side, o.get("activation", "tanh"), o.get("pooling", "avg"), **stats),
-        "resnet": lambda: vision.CifarResNet(k, channels, o["width"], tuple(o.get("blocks", (2, 2, 2, 2))), **stats),
-        "resnet50": lambda: vision.torchvision_classifier("resnet50", k, **stats),
-        "efficientnet_b0": lambda: vision.torchvision_classifier("efficientnet_b0", k, **stats),
+        "cnn2": lambda: vision.cnn2(channels, k, side, tuple(o["channels"]), o["hidden"], o.get("dropout", 0.0), mean=mean, std=std),
+        "lenet5": lambda: vision.lenet5(channels, k, side, o.get("activation", "tanh"), o.get("pooling", "avg"), mean=mean, std=std),
+        "resnet": lambda: vision.CifarResNet(k, channels, o["width"], tuple(o.get("blocks", (2, 2, 2, 2))), mean=mean, std=std),
+        "resnet50": lambda: vision.torchvision_classifier("resnet50", k, mean=mean, std=std),
+        "efficientnet_b0": lambda: vision.torchvision_classifier("efficientnet_b0", k, mean=mean, std=std),
     }
     if arch not in factories:
         raise ValueError(f"unknown image architecture {arch!r}; expected one of {sorted(factories)}")
@@ -426,7 +426,7 @@ _FINE_TUNE = {"adam": (1e-5, 3e-4), "adamw": (1e-5, 3e-4), "sgd": (1e-3, 0.1), "
 _CNN2 = {"arch": "cnn2", "channels": Choice(((16, 32), (8, 16))), "hidden": Choice((128, 64, 256)), "dropout": Choice((0.0, 0.25))}
 _LENET = {"arch": "lenet5", "activation": Choice(("relu", "tanh")), "pooling": Choice(("max", "avg"))}
 _VISION_DATA = {"train_examples": LogRange(2000, 54000), "valid_examples": 2000}
-_LSTM = {"embed_dim": Choice((128, 64)), "hidden": Choice((128, 64)), "layers": 1, "dropout": Choice((0.3, 0.0)), "vocab_size": Choice((8000, 4000))}
+_LSTM = {"embed_dim": Choice((128, 64)), "hidden": Choice((64, 128)), "layers": 1, "dropout": Choice((0.3, 0.0)), "vocab_size": Choice((8000, 4000))}
 _TINY_ENCODER = {"hidden": Choice((128, 64)), "layers": Choice((2, 1, 3)), "heads": Choice((2, 4)), "dropout": 0.1, "vocab_size": 8000}
 
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -484,7 +484,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "sst2_bilstm": dict(
         description="BiLSTM sentiment classifier on SST-2 (GLUE; test = dev)", dataset="sst2", model="embedding + BiLSTM + dense", kind="text",
         space={"arch": "bilstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((48, 32)), "train_examples": LogRange(5000, 60000)},
-        sampling=_sampling((200, 1000), (32, 64)), reference=Reference("adam", 2e-3, 2000, 64, {"train_examples": None}),
+        sampling=_sampling((200, 1000), (32, 64)), reference=Reference("adam", 2e-3, 1200, 64, {"train_examples": None}),
     ),
     "imdb_lstm": dict(
         description="LSTM sentiment classifier on IMDB reviews (first 256 tokens; test: fixed 5k of 25k)", dataset="imdb",
@@ -511,6 +511,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "sst2_bert": dict(
         description="tiny BERT (from scratch, WordPiece trained on train) on SST-2", dataset="sst2", model="BERT encoder, 1-3 layers, 64-128 wide",
         kind="text", space={"arch": "bert", **_TINY_ENCODER, "max_length": Choice((48, 32)), "train_examples": LogRange(5000, 60000)},
+        sampling=_sampling((200, 800), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 1000, 32, {"train_examples": None}),
+    ),
+    "ag_news_bert": dict(
+        description="tiny BERT (from scratch, WordPiece trained on train) on AG News (4 classes)", dataset="ag_news",
+        model="BERT encoder, 1-3 layers, 64-128 wide", kind="text",
+        space={"arch": "bert", **_TINY_ENCODER, "max_length": Choice((64, 48)), "train_examples": LogRange(5000, 100000)},
         sampling=_sampling((200, 800), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 1000, 32, {"train_examples": None}),
     ),
     "sst2_roberta": dict(

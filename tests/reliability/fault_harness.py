@@ -33,14 +33,16 @@ torch.set_num_threads(1)
 
 import faulty_tasks  # noqa: E402,F401  (registers the test-only task family)
 
-import metalr.evaluation.executors as executors  # noqa: E402
-import metalr.evaluation.suite  # noqa: E402,F401
 import metalr.io as metalr_io  # noqa: E402
 import metalr.meta.trainer as trainer  # noqa: E402
 from metalr.cli import main  # noqa: E402
 
 TRACE = os.environ.get("RELIABILITY_TRACE")
 FAULT: dict[str, Any] = json.loads(os.environ.get("RELIABILITY_FAULT") or "{}")
+EVALUATE = "evaluate" in sys.argv[1:3]  # the evaluation modules are heavy (scipy): import them only when used
+if EVALUATE:
+    import metalr.evaluation.executors as executors
+    import metalr.evaluation.suite  # noqa: F401
 RSS_EVERY = int(os.environ.get("RELIABILITY_RSS_EVERY") or 0)
 
 
@@ -117,15 +119,14 @@ for module in list(sys.modules.values()):
     if getattr(module, "__name__", "").startswith("metalr") and getattr(module, "append_jsonl", None) is _append:
         module.append_jsonl = append_jsonl  # type: ignore[attr-defined]
 
-_run_cell = executors.run_cell
+if EVALUATE:
+    _run_cell = executors.run_cell
 
+    def run_cell(cell: Any, controller: Any = None) -> dict[str, Any]:
+        trace(event="cell", key=cell.key)
+        return _run_cell(cell, controller)
 
-def run_cell(cell: Any, controller: Any = None) -> dict[str, Any]:
-    trace(event="cell", key=cell.key)
-    return _run_cell(cell, controller)
-
-
-executors.run_cell = run_cell  # type: ignore[assignment]
+    executors.run_cell = run_cell  # type: ignore[assignment]
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

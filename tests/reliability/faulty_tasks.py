@@ -36,10 +36,11 @@ def _poisoned_loss(kind: str, model_call: ModelCall, batch: Batch) -> Tensor:
     mask = batch["poison"] > 0
     if not bool(mask.any()):
         return loss
+    # Scaling the loss (not adding a constant) makes its gradient non-finite too, as a real bad batch does.
     if kind == "nan_loss":
-        return loss + batch["poison"].sum() * float("nan")
+        return loss * float("nan")
     if kind == "inf_loss":
-        return loss + batch["poison"].sum() * float("inf")
+        return loss * float("inf")
     # nan_grad: value + 0.0, gradient NaN (the masked-out branch is sqrt of a negative number).
     selected = out[mask]
     trap = torch.where(torch.zeros_like(selected, dtype=torch.bool), torch.sqrt(-selected.square() - 1.0), torch.zeros_like(selected))

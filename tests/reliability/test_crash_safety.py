@@ -38,19 +38,17 @@ def _meta_faults() -> list[dict[str, Any]]:
     first_random = rng.randint(11, 14)
     second_random = rng.randint(21, 24)
     return [
-        # 1. in the middle of the very first resume-state write: no state yet, resume starts afresh
-        {"kill_on_replace": "state-rank0-step00000005", "phase": "torn"},
-        # 2. in the middle of a periodic checkpoint write (checkpoint-10 precedes the step-10 state)
+        # 1. in the middle of a periodic checkpoint write (checkpoint-10 precedes the step-10 state)
         {"kill_on_replace": "checkpoint-10.safetensors", "phase": "torn"},
-        # 3. at a random meta-step
+        # 2. at a random meta-step
         {"kill_at_step": first_random},
-        # 4. right after a resume state landed, before older states are pruned
+        # 3. right after a resume state landed, before older states are pruned
         {"kill_on_replace": "state-rank0-step00000020", "phase": "after"},
-        # 5. at another random meta-step
+        # 4. at another random meta-step
         {"kill_at_step": second_random},
-        # 6. in the middle of a metrics.jsonl append (torn record)
+        # 5. in the middle of a metrics.jsonl append (torn record)
         {"kill_on_append": "metrics.jsonl", "nth": 1, "torn": True},
-        # 7. in the middle of writing final.safetensors
+        # 6. in the middle of writing final.safetensors
         {"kill_on_replace": "final.safetensors", "phase": "torn"},
     ]
 
@@ -79,7 +77,7 @@ def _assert_directory_valid(out: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
-def test_meta_training_survives_sigkill_at_seven_points(meta_reference, tmp_path: Path) -> None:
+def test_meta_training_survives_sigkill_at_six_points(meta_reference, tmp_path: Path) -> None:
     out = tmp_path / "crashed"
     argv = ["meta-train", str(meta_reference.recipe), "--out", str(out), "--no-progress"]
     faults = _meta_faults()
@@ -106,12 +104,37 @@ def test_meta_training_survives_sigkill_at_seven_points(meta_reference, tmp_path
     assert sorted(p.name for p in out.glob("*.safetensors")) == reference_files
     assert_same_tensors(tensors(meta_reference.out / "final.safetensors"), tensors(out / "final.safetensors"), "final")
 
-    def records(path: Path) -> list[dict[str, Any]]:
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in jsonl_lines(path)]
+    _assert_same_metrics(out, meta_reference.out)
 
-    resumed, expected = records(out / "metrics.jsonl"), records(meta_reference.out / "metrics.jsonl")
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in jsonl_lines(path)]
+
+
+def _assert_same_metrics(out: Path, reference: Path) -> None:
+    resumed, expected = _metrics(out / "metrics.jsonl"), _metrics(reference / "metrics.jsonl")
     assert [r["meta_step"] for r in resumed] == [r["meta_step"] for r in expected], "lost or duplicated records"
     assert resumed == expected
+
+
+@pytest.mark.slow
+def test_kill_before_the_first_resume_state_restarts_cleanly(meta_reference, tmp_path: Path) -> None:
+    """Killed in the middle of the first resume-state write: --resume finds no state and starts afresh.
+
+    The controller is still bit-identical; the metrics records the killed process wrote must not be
+    kept beside the ones the fresh start writes again.
+    """
+    out = tmp_path / "crashed"
+    argv = ["meta-train", str(meta_reference.recipe), "--out", str(out), "--no-progress"]
+    fault = {"kill_on_replace": "state-rank0-step00000005", "phase": "torn"}
+    result = run_metalr(argv, fault=fault, trace=tmp_path / "trace.jsonl")
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    _assert_directory_valid(out, meta_reference.out)
+    assert available_steps(out / "resume", 0) == []
+    final = run_metalr(argv + ["--resume"])
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert_same_tensors(tensors(meta_reference.out / "final.safetensors"), tensors(out / "final.safetensors"), "final")
+    _assert_same_metrics(out, meta_reference.out)
 
 
 def _complete_records(results: Path) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # `datasets` is an optional extra: imported inside functions only
     from datasets import DatasetDict
@@ -220,7 +220,7 @@ def require_columns(name: str, path: Path, columns: Sequence[str], expected: Seq
         raise malformed(name, path, f"missing columns {missing}; found {list(columns)}, expected {list(expected)}")
 
 
-def check_field_counts(name: str, path: Path, expected: int, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> None:
+def check_field_counts(name: str, path: Path, expected: int, delimiter: str = ",", quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL) -> None:
     """Every non-blank line has ``expected`` fields (lines starting with ``|`` are adult.test's comment).
 
     pandas pads short rows with missing values (or drops them), so without this a file cut off in

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -226,15 +226,18 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, kind: str = "wordpiec
 
 
 def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
+    """The fast tokenizer saved with a checkpoint folder (or a packaged model such as ``minilm``)."""
     from transformers import AutoTokenizer
 
+    from metalr.tasks.models.text import resolve_model_path
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path), use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model_path)), use_fast=True)
     except (OSError, ValueError) as err:
         raise DatasetError(f"cannot load the tokenizer of {model_path}: {err}") from None
     if not tokenizer.is_fast:
         raise DatasetError(f"the tokenizer of {model_path} is not a fast tokenizer; offsets (QA) need one")
-    return tokenizer
+    return cast("PreTrainedTokenizerFast", tokenizer)
 
 
 @functools.lru_cache(maxsize=8)

@@ -176,7 +176,7 @@ def encoder_config(
         raise ValueError(f"unknown encoder kind {kind!r}; expected one of {list(ENCODER_KINDS)}")
     if hidden % heads:
         raise ValueError(f"hidden size must be divisible by the number of heads, got {hidden=}, {heads=}")
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=intermediate or 4 * hidden, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
         pad_token_id=pad_id,
@@ -194,6 +194,8 @@ def _from_config_or_path(auto_class: str, config: Any | None, model_path: str | 
     with _quiet_transformers():
         if model_path is not None:
             return factory.from_pretrained(str(resolve_model_path(model_path)), attn_implementation="eager", **head)
+        if config is None:
+            raise ValueError(f"{auto_class}: give a config or a model_path")
         for key, value in head.items():
             setattr(config, key, value)
         config._attn_implementation = "eager"

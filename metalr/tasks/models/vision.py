@@ -19,6 +19,9 @@ from metalr.tasks.models import ACTIVATIONS
 class ImageInput(nn.Module):
     """Scale to [0, 1] and standardise per channel with the training split's statistics (buffers)."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))

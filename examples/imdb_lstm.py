@@ -1,0 +1,72 @@
+"""IMDB sentiment with an LSTM (Adam, gradient clipping), its LR set every step by a meta-learned controller.
+
+    python examples/imdb_lstm.py --data-dir ../shared/data        # or METALR_DATA_DIR=../shared/data
+
+Reads ``imdb/aclImdb_v1_labeled.tar.gz`` (the original aclImdb tree) without unpacking it.
+"""
+
+import argparse
+import os
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metalr import LearnedLR, load_controller
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--data-dir", default=os.environ.get("METALR_DATA_DIR", "data"))
+parser.add_argument("--controller", default="demo", help="shipped controller name or .safetensors path")
+parser.add_argument("--steps", type=int, default=600, help="optimizer steps (batches of --batch-size)")
+parser.add_argument("--batch-size", type=int, default=64)
+parser.add_argument("--lr", type=float, default=2e-3, help="base LR the controller scales")
+args = parser.parse_args()
+torch.manual_seed(0)
+
+texts: dict[str, list[tuple[list[str], int]]] = {"train": [], "test": []}
+with tarfile.open(Path(args.data_dir) / "imdb" / "aclImdb_v1_labeled.tar.gz") as tar:
+    for member in tar:  # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt
+        parts = member.name.split("/")
+        if len(parts) == 4 and parts[2] in ("pos", "neg") and parts[3].endswith(".txt"):
+            words = re.findall(r"[a-z']+", tar.extractfile(member).read().decode().lower().replace("<br />", " "))
+            texts[parts[1]].append((words, int(parts[2] == "pos")))
+vocab = {w: i + 2 for i, (w, _) in enumerate(Counter(w for ws, _ in texts["train"] for w in ws).most_common(20000))}
+
+
+def tensors(split: str, length: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [[vocab.get(w, 1) for w in ws[:length]] + [0] * max(0, length - len(ws)) for ws, _ in texts[split]]
+    return torch.tensor(ids), torch.tensor([label for _, label in texts[split]])
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, vocab_size: int, dim: int = 64) -> None:
+        super().__init__()
+        self.embed, self.lstm, self.head = nn.Embedding(vocab_size, dim, padding_idx=0), nn.LSTM(dim, dim, batch_first=True), nn.Linear(dim, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(ids))
+        mask = (ids > 0).unsqueeze(-1).float()  # mean over real tokens, not padding
+        return self.head((out * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+
+(x_train, y_train), (x_test, y_test) = tensors("train"), tensors("test")
+model = LSTMClassifier(len(vocab) + 2)
+optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+sched = LearnedLR(optimizer, load_controller(args.controller), total_steps=args.steps)
+for step in range(args.steps):
+    idx = torch.randint(len(x_train), (args.batch_size,))
+    loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # LearnedLR then reads the clipped (applied) gradient
+    optimizer.step()
+    sched.step(loss)
+    optimizer.zero_grad()
+    if (step + 1) % 100 == 0:
+        print(f"step {step + 1}/{args.steps}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
+with torch.no_grad():
+    sample = torch.randperm(len(x_test))[:5000]  # a fixed-seed 5,000-review sample keeps evaluation quick
+    accuracy = (model(x_test[sample]).argmax(1) == y_test[sample]).float().mean().item()
+print(f"test accuracy (5,000 reviews) {accuracy:.4f}")
