@@ -5,7 +5,8 @@ schedulers run the same model, data and optimizer; the difference of the median 
 features and running the controller costs. Runs alternate in blocks (cosine, learned, cosine, ...) so that
 drift of the machine (thermal, other processes) hits both alike, and the median of the per-block medians is
 reported. The scheduler's own cost is also timed in isolation (``sched.step`` alone) because on a noisy
-machine the difference of two ~ms step times is noisier than the thing being measured.
+machine the difference of two ~ms step times is noisier than the thing being measured. With one thread
+on CPU the clock is the thread's CPU time, which a loaded machine does not inflate (see ``time_block``).
 
 Usage (figures in bench/results_overhead.md)::
 
@@ -46,11 +47,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(model: nn.Module, scheduler_kind: str, x: Tensor, y: Tensor, steps: int) -> tuple[Callable[[], None], Callable[[], None]]:
+def make_step(
+    model: nn.Module, scheduler_kind: str, x: Tensor, y: Tensor, steps: int
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """A closure running one training step, and one running only ``sched.step`` (for the isolated timing)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if scheduler_kind == "cosine":
-        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=steps
+        )
     else:
         sched = LearnedLR(optimizer, LRController(), total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()
@@ -74,18 +79,31 @@ def make_step(model: nn.Module, scheduler_kind: str, x: Tensor, y: Tensor, steps
 
 
 def time_block(fn: Callable[[], None], n: int, device: torch.device) -> float:
-    """Median seconds per call over ``n`` calls."""
+    """Median seconds per call over ``n`` calls.
+
+    On CPU with one torch thread this is the CPU time of the calling thread (``time.thread_time``): all the
+    work runs in that thread, and unlike wall time it does not count the time other processes held the
+    core, so the figures hold on a shared machine. On CUDA it is wall time after a synchronize.
+    """
+    clock = time.perf_counter if device.type == "cuda" or torch.get_num_threads() > 1 else time.thread_time
     times = []
     for _ in range(n):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def bench(name: str, build: Callable[[], nn.Module], device: torch.device, batch: tuple[Tensor, Tensor], blocks: int, per_block: int) -> None:
+def bench(
+    name: str,
+    build: Callable[[], nn.Module],
+    device: torch.device,
+    batch: tuple[Tensor, Tensor],
+    blocks: int,
+    per_block: int,
+) -> None:
     x, y = batch
     torch.manual_seed(0)
     model_cos = build().to(device)
@@ -106,7 +124,9 @@ def bench(name: str, build: Callable[[], nn.Module], device: torch.device, batch
     x_loss = nn.functional.cross_entropy(model_learned(x), y)
     x_loss.backward()
     for _ in range(blocks):
-        sched_only.append(time_block(sched_learned, per_block, device) - time_block(sched_cos, per_block, device))
+        sched_only.append(
+            time_block(sched_learned, per_block, device) - time_block(sched_cos, per_block, device)
+        )
     cos_ms, learned_ms = statistics.median(cos_t) * 1e3, statistics.median(learned_t) * 1e3
     extra_ms = statistics.median(sched_only) * 1e3
     params = sum(p.numel() for p in model_cos.parameters())

@@ -31,9 +31,11 @@ with tarfile.open(Path(args.data_dir) / "imdb" / "aclImdb_v1_labeled.tar.gz") as
     for member in tar:  # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt
         parts = member.name.split("/")
         if len(parts) == 4 and parts[2] in ("pos", "neg") and parts[3].endswith(".txt"):
-            words = re.findall(r"[a-z']+", tar.extractfile(member).read().decode().lower().replace("<br />", " "))
-            texts[parts[1]].append((words, int(parts[2] == "pos")))
-vocab = {w: i + 2 for i, (w, _) in enumerate(Counter(w for ws, _ in texts["train"] for w in ws).most_common(20000))}
+            text = tar.extractfile(member).read().decode().lower().replace("<br />", " ")
+            texts[parts[1]].append((re.findall(r"[a-z']+", text), int(parts[2] == "pos")))
+vocab = {
+    w: i + 2 for i, (w, _) in enumerate(Counter(w for ws, _ in texts["train"] for w in ws).most_common(20000))
+}
 
 
 def tensors(split: str, length: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,24 +43,26 @@ def tensors(split: str, length: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(ids), torch.tensor([label for _, label in texts[split]])
 
 
-class LSTMClassifier(nn.Module):
-    def __init__(self, vocab_size: int, dim: int = 64) -> None:
-        super().__init__()
-        self.embed, self.lstm, self.head = nn.Embedding(vocab_size, dim, padding_idx=0), nn.LSTM(dim, dim, batch_first=True), nn.Linear(dim, 2)
+embed, lstm, head = (
+    nn.Embedding(len(vocab) + 2, 64, padding_idx=0),
+    nn.LSTM(64, 64, batch_first=True),
+    nn.Linear(64, 2),
+)
+model = nn.ModuleList([embed, lstm, head])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embed(ids))
-        mask = (ids > 0).unsqueeze(-1).float()  # mean over real tokens, not padding
-        return self.head((out * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+def classify(ids: torch.Tensor) -> torch.Tensor:
+    out, _ = lstm(embed(ids))
+    mask = (ids > 0).unsqueeze(-1).float()  # mean over real tokens, not padding
+    return head((out * mask).sum(1) / mask.sum(1).clamp_min(1))
 
 
 (x_train, y_train), (x_test, y_test) = tensors("train"), tensors("test")
-model = LSTMClassifier(len(vocab) + 2)
 optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 sched = LearnedLR(optimizer, load_controller(args.controller), total_steps=args.steps)
 for step in range(args.steps):
     idx = torch.randint(len(x_train), (args.batch_size,))
-    loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+    loss = nn.functional.cross_entropy(classify(x_train[idx]), y_train[idx])
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # LearnedLR then reads the clipped (applied) gradient
     optimizer.step()
@@ -68,5 +72,5 @@ for step in range(args.steps):
         print(f"step {step + 1}/{args.steps}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
 with torch.no_grad():
     sample = torch.randperm(len(x_test))[:5000]  # a fixed-seed 5,000-review sample keeps evaluation quick
-    accuracy = (model(x_test[sample]).argmax(1) == y_test[sample]).float().mean().item()
+    accuracy = (classify(x_test[sample]).argmax(1) == y_test[sample]).float().mean().item()
 print(f"test accuracy (5,000 reviews) {accuracy:.4f}")

@@ -20,7 +20,8 @@ from metalr import LearnedLR, load_controller
 
 def read_idx(path: Path) -> torch.Tensor:
     """IDX: 2 zero bytes, a dtype byte, the number of dims, big-endian uint32 sizes, then raw uint8 data."""
-    raw = gzip.open(path, "rb").read()
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
     shape = np.frombuffer(raw, ">u4", count=raw[3], offset=4)
     return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(shape).copy())
 

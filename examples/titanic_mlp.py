@@ -25,7 +25,8 @@ parser.add_argument("--lr", type=float, default=3e-3, help="base LR the controll
 args = parser.parse_args()
 torch.manual_seed(0)
 
-rows = list(csv.DictReader(open(Path(args.data_dir) / "titanic" / "train.csv", newline="")))
+with open(Path(args.data_dir) / "titanic" / "train.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
 ages = sorted(float(r["Age"]) for r in rows if r["Age"])
 median_age = ages[len(ages) // 2]  # missing ages (177 of 891) get the median
 
@@ -59,4 +60,6 @@ for epoch in range(args.epochs):
     if (epoch + 1) % 10 == 0:
         with torch.no_grad():
             accuracy = ((model(x[test]).squeeze(1) > 0).float() == y[test]).float().mean().item()
-        print(f"epoch {epoch + 1}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  test accuracy {accuracy:.3f}")
+        print(
+            f"epoch {epoch + 1}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  test accuracy {accuracy:.3f}"
+        )

@@ -91,8 +91,7 @@ class MetaConfig:
                 f"need meta_lr > 0, meta_grad_clip > 0 and 0 <= max_skip_fraction <= 1, got {self.meta_lr}, "
                 f"{self.meta_grad_clip}, {self.max_skip_fraction}"
             )
-        positive = ("min_unroll_length", "curriculum_steps", "max_full_horizon", "es_pairs", "max_refused")
-        for name in positive:
+        for name in ("min_unroll_length", "curriculum_steps", "max_full_horizon", "es_pairs", "max_refused"):
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -363,6 +362,7 @@ class EvalConfig:
     device: str = "cpu"  # "cpu" | "cuda"
     tune: bool = True  # tuned methods run over the LR grid and report their best point; False = task default LRs
     sensitivity: bool = True  # also run self-tuning methods over the LR grid (sensitivity curves; with tune)
+    sensitivity_methods: tuple[str, ...] = ()  # self-tuning labels run over the grid (empty = all); skip those that ignore the base LR
     lr_grid_points: int = 7  # grid points per optimizer family, log-spaced over lr_grid_ranges
     lr_grid_ranges: dict[str, tuple[float, float]] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_LR_GRID_RANGES)
@@ -440,6 +440,9 @@ def _check_eval_protocol(config: EvalConfig, where: str) -> None:
     duplicated = sorted({label for label in labels if labels.count(label) > 1})
     if duplicated:
         raise ConfigError(f"{where}: method labels must be unique, got {duplicated} twice; give one a `label:`")
+    unknown_sensitivity = sorted(set(config.sensitivity_methods) - set(labels))
+    if unknown_sensitivity:
+        raise ConfigError(f"{where}: sensitivity_methods {unknown_sensitivity} are not method labels of the suite; labels: {labels}")
     if config.reference not in labels:
         raise ConfigError(f"{where}: reference {config.reference!r} is not a method label of the suite; labels: {labels}")
     if config.target not in TARGET_RULES:

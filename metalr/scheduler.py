@@ -159,7 +159,9 @@ class LearnedLR(LRScheduler):
         # Stand-ins for parameters that received no gradient this step (frozen layers, unused branches):
         # the unroll always sees a gradient for every parameter, and zero is what autograd would give.
         self._zero_grads: dict[int, Tensor] = {}
-        self._last_loss = torch.ones((), dtype=self._dtype, device=self._device)  # "flat" until a loss is seen
+        self._last_loss = torch.ones(
+            (), dtype=self._dtype, device=self._device
+        )  # "flat" until a loss is seen
         self._seen_loss = False
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
@@ -321,7 +323,7 @@ class LearnedLR(LRScheduler):
             grads.append(g)
         return grads
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _observe(self, loss: Tensor) -> None:
         state = self._state
         fstate = state.features
@@ -329,7 +331,14 @@ class LearnedLR(LRScheduler):
         lr = float(self.optimizer.param_groups[0]["lr"])
         budget = (time.perf_counter() - self._started) / self.time_budget_s if self.time_budget_s else _NAN
         scalars = torch.tensor(
-            [lr, lr / float(self.base_lrs[0]), float(self.total_steps), self._pending_valid, self._pending_entropy, budget],
+            [
+                lr,
+                lr / float(self.base_lrs[0]),
+                float(self.total_steps),
+                self._pending_valid,
+                self._pending_entropy,
+                budget,
+            ],
             dtype=self._dtype,
         ).to(self._device, non_blocking=True)
         obs = Observation(
@@ -348,7 +357,9 @@ class LearnedLR(LRScheduler):
         next_step = self.last_epoch + 1
         scale = self.controller.policy.lr_scale(log_factor, float(next_step), float(self.total_steps))
         # The one device->host transfer of the step: the new LR scale and whether the gradient was finite.
-        scale_value, grad_norm = torch.stack([scale.to(self._dtype), new_f.grad_norm.to(self._dtype)]).tolist()
+        scale_value, grad_norm = torch.stack(
+            [scale.to(self._dtype), new_f.grad_norm.to(self._dtype)]
+        ).tolist()
         # The feature state keeps references to what it was given; keep private copies (persistent buffers)
         # of the tensors the user's loop overwrites in place (parameters, gradients).
         prev_params = fstate.prev_params
@@ -405,12 +416,16 @@ class LearnedLR(LRScheduler):
         for name, value in current._asdict().items():
             saved = fields[name]
             if isinstance(value, tuple):
-                if len(saved) != len(value) or any(s.shape != v.shape for s, v in zip(saved, value, strict=True)):
+                if len(saved) != len(value) or any(
+                    s.shape != v.shape for s, v in zip(saved, value, strict=True)
+                ):
                     raise ValueError(
                         f"LearnedLR state was saved for parameters of shapes {[tuple(s.shape) for s in saved]}, "
                         f"this optimizer has {[tuple(v.shape) for v in value]}"
                     )
-                restored[name] = tuple(s.to(v.device, v.dtype).clone() for s, v in zip(saved, value, strict=True))
+                restored[name] = tuple(
+                    s.to(v.device, v.dtype).clone() for s, v in zip(saved, value, strict=True)
+                )
             else:
                 restored[name] = saved.to(value.device, value.dtype).clone()
         self._state = PolicyState(

@@ -38,10 +38,14 @@ def tiny_model(seed: int = 0) -> nn.Module:
 
 def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)) for _ in range(n)]
+    return [
+        (torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)) for _ in range(n)
+    ]
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, sched: LearnedLR, data: list) -> list[list[float]]:
+def train(
+    model: nn.Module, optimizer: torch.optim.Optimizer, sched: LearnedLR, data: list
+) -> list[list[float]]:
     """Plain loop; returns the LRs of every group after each step."""
     lrs = []
     for x, y in data:
@@ -248,7 +252,12 @@ def test_only_empty_param_groups_and_a_loss_of_every_kind() -> None:
     weight = nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([{"params": [weight]}, {"params": [], "lr": 0.5}], lr=0.01)
     sched = LearnedLR(optimizer, active_controller(weight_scale=50.0), total_steps=4)
-    for loss in (float("nan"), torch.tensor(float("inf")), torch.tensor([0.0]), torch.tensor(1e30, dtype=torch.float64)):
+    for loss in (
+        float("nan"),
+        torch.tensor(float("inf")),
+        torch.tensor([0.0]),
+        torch.tensor(1e30, dtype=torch.float64),
+    ):
         optimizer.step()  # no gradient at all: the scheduler stands in zeros
         sched.step(loss)
         assert all(math.isfinite(lr) and lr > 0 for lr in sched.get_last_lr())

@@ -204,7 +204,9 @@ def _ray(workers: int, controller_path: str | None, address: str | None) -> Exec
 EXECUTORS: dict[str, Callable[[int, str | None, str | None], Executor]] = {"process": _process, "ray": _ray}
 
 
-def create_executor(backend: str, workers: int, controller_path: str | None, address: str | None = None) -> Executor:
+def create_executor(
+    backend: str, workers: int, controller_path: str | None, address: str | None = None
+) -> Executor:
     """The executor for ``backend`` (``process`` or ``ray``); an unknown name lists the valid ones."""
     if backend not in EXECUTORS:
         raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(sorted(EXECUTORS))}")

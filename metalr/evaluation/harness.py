@@ -9,7 +9,8 @@ Which cells exist is the protocol of issue 7 (after AlgoPerf's external-tuning r
 
 * every method gets one run per seed at the task's default LR (``lr_source="default"``);
 * tuned methods (``method.tuned``) run over the LR grid (``"grid"``); with ``sensitivity`` the self-tuning
-  methods do too, given the grid LR as base LR, so every method has a loss-vs-initial-LR curve;
+  methods do too (or those in ``sensitivity_methods``), given the grid LR as base LR, so every method has a
+  loss-vs-initial-LR curve;
 * the extra horizons (0.5x, 2x) rerun the reported configuration: self-tuning methods at their default,
   tuned methods at the LR tuned at 1x (``"transfer"``, a second phase that depends on results) or over
   the whole grid again (``horizon_retune``).
@@ -125,10 +126,28 @@ def method_tuned(entry: MethodEntry) -> bool:
     return bool(create_method(entry.method, **entry.options).tuned)
 
 
-def _cell(config: EvalConfig, spec: TaskSpec, entry: MethodEntry, tuned: bool, seed: int, lr: float, source: str,
-          horizon: float) -> Cell:
-    return Cell(spec, entry, tuned, seed, lr, source, horizon, horizon_steps(spec, horizon), config.eval_every,
-                config.device)
+def _cell(
+    config: EvalConfig,
+    spec: TaskSpec,
+    entry: MethodEntry,
+    tuned: bool,
+    seed: int,
+    lr: float,
+    source: str,
+    horizon: float,
+) -> Cell:
+    return Cell(
+        spec,
+        entry,
+        tuned,
+        seed,
+        lr,
+        source,
+        horizon,
+        horizon_steps(spec, horizon),
+        config.eval_every,
+        config.device,
+    )
 
 
 def plan_cells(config: EvalConfig, specs: Sequence[TaskSpec]) -> list[Cell]:
@@ -144,11 +163,17 @@ def plan_cells(config: EvalConfig, specs: Sequence[TaskSpec]) -> list[Cell]:
             for entry in config.methods:
                 is_tuned = tuned[entry.display]
                 grid_here = config.tune and (horizon == 1.0 or (is_tuned and config.horizon_retune))
-                runs_grid = grid_here and (is_tuned or (config.sensitivity and horizon == 1.0))
+                sensitivity = config.sensitivity and (
+                    not config.sensitivity_methods or entry.display in config.sensitivity_methods
+                )
+                runs_grid = grid_here and (is_tuned or (sensitivity and horizon == 1.0))
                 # At other horizons a tuned method's reported LR is the one tuned at 1x (phase 2).
                 default_here = horizon == 1.0 or not (config.tune and is_tuned)
                 if default_here:
-                    cells += [_cell(config, spec, entry, is_tuned, s, spec.base_lr, "default", horizon) for s in seeds]
+                    cells += [
+                        _cell(config, spec, entry, is_tuned, s, spec.base_lr, "default", horizon)
+                        for s in seeds
+                    ]
                 if runs_grid:
                     cells += [
                         _cell(config, spec, entry, is_tuned, s, lr, "grid", horizon)
@@ -166,7 +191,9 @@ def count_transfer_cells(config: EvalConfig, specs: Sequence[TaskSpec]) -> int:
     return tuned * len(specs) * len(config.horizon_scales) * config.seeds
 
 
-def plan_transfer_cells(config: EvalConfig, specs: Sequence[TaskSpec], tuned_lrs: dict[tuple[str, str], float]) -> list[Cell]:
+def plan_transfer_cells(
+    config: EvalConfig, specs: Sequence[TaskSpec], tuned_lrs: dict[tuple[str, str], float]
+) -> list[Cell]:
     """Phase 2: tuned methods at the other horizons, at the LR selected at 1x.
 
     Args:
@@ -183,7 +210,9 @@ def plan_transfer_cells(config: EvalConfig, specs: Sequence[TaskSpec], tuned_lrs
                 lr = tuned_lrs.get((spec.key, entry.display))
                 if lr is None or not method_tuned(entry):
                     continue
-                cells += [_cell(config, spec, entry, True, s, lr, "transfer", horizon) for s in range(config.seeds)]
+                cells += [
+                    _cell(config, spec, entry, True, s, lr, "transfer", horizon) for s in range(config.seeds)
+                ]
     return cells
 
 
@@ -221,7 +250,9 @@ def _peak_memory(device: str) -> tuple[float, float]:
         import resource
 
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" and torch.cuda.is_available() else 0.0
+    cuda_mb = (
+        torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" and torch.cuda.is_available() else 0.0
+    )
     return rss_mb, cuda_mb
 
 
@@ -280,20 +311,24 @@ def run_cell(cell: Cell, controller: Any = None) -> dict[str, Any]:
     for step in range(1, cell.steps + 1):
         tick = time.perf_counter()
         batch = next(batches)
-        lr_trace.append(_short(run.optimizer.param_groups[0]["lr"]))  # the LR this step is taken with
+        # The LR this step is taken with, as the method reports it: optimizer-replacing methods (Prodigy,
+        # D-Adaptation, DoG, ...) scale a nominal param-group LR internally.
+        lr_trace.append(_short(float(run.scheduler.get_last_lr()[0])))
         loss = task.loss(task.model, batch)
-        loss.backward()
-        loss = loss.detach()
-        run.optimizer.step()
-        run.scheduler.step(loss)
-        run.optimizer.zero_grad(set_to_none=True)
-        value = float(loss)
-        train_seconds += time.perf_counter() - tick
-        train_loss.append(_short(value))
+        value = float(loss.detach())
         if not math.isfinite(value):
-            # Nothing after a NaN/inf loss is informative; stopping keeps a diverged grid point cheap.
+            # Nothing after a NaN/inf loss is informative, and no method is asked to step on one: the run
+            # stops here, which also keeps a diverged grid point cheap.
+            train_seconds += time.perf_counter() - tick
+            train_loss.append(value)
             nonfinite_step = step
             break
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step(loss.detach())
+        run.optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - tick
+        train_loss.append(_short(value))
         if step % cell.eval_every == 0 or step == cell.steps:
             run.on_validation(validate(step)["loss"])
 

@@ -64,7 +64,9 @@ class ReportProtocol:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReportProtocol:
         known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known
+        }
         return cls(**values)
 
 
@@ -239,11 +241,17 @@ class Analysis:
         """
         index = (task, method, horizon)
         if index not in self._reported:
-            chosen: tuple[list[Record], float | None] = (_one_per_seed(self.runs(task, method, horizon, "default")), None)
+            chosen: tuple[list[Record], float | None] = (
+                _one_per_seed(self.runs(task, method, horizon, "default")),
+                None,
+            )
             if self.protocol.tune and self.tuned.get(method, False):
                 lr = select_lr(self.grid_runs(task, method, horizon))
                 if lr is not None:
-                    chosen = (_one_per_seed([r for r in self.grid_runs(task, method, horizon) if r["lr"] == lr]), lr)
+                    chosen = (
+                        _one_per_seed([r for r in self.grid_runs(task, method, horizon) if r["lr"] == lr]),
+                        lr,
+                    )
                 elif horizon != 1.0:
                     # Other horizons reuse the LR tuned at 1x; runs at any other LR are from an older suite.
                     lr = select_lr(self.grid_runs(task, method))
@@ -286,7 +294,9 @@ class Analysis:
     def run_time_to_target(self, record: Record) -> tuple[float, float]:
         key = record["key"]
         if key not in self._times:
-            self._times[key] = time_to_target(record, self.target(record["task_key"], float(record["horizon"])))
+            self._times[key] = time_to_target(
+                record, self.target(record["task_key"], float(record["horizon"]))
+            )
         return self._times[key]
 
     def median_time_to_target(self, runs: Sequence[Record]) -> tuple[float, float]:
@@ -304,7 +314,10 @@ class Analysis:
         if (horizon, seconds) not in self._tables:
             column = 1 if seconds else 0
             self._tables[horizon, seconds] = {
-                m: {t: self.median_time_to_target(self.reported_runs(t, m, horizon))[column] for t in self.tasks}
+                m: {
+                    t: self.median_time_to_target(self.reported_runs(t, m, horizon))[column]
+                    for t in self.tasks
+                }
                 for m in self.methods
             }
         return self._tables[horizon, seconds]
@@ -313,13 +326,17 @@ class Analysis:
         return performance_ratios(self.steps_table(horizon))
 
     def scores(self, horizon: float = 1.0) -> dict[str, float]:
-        return {m: algoperf_score(r, self.protocol.profile_max_ratio) for m, r in self.ratios(horizon).items()}
+        return {
+            m: algoperf_score(r, self.protocol.profile_max_ratio) for m, r in self.ratios(horizon).items()
+        }
 
     def reached(self, method: str, horizon: float = 1.0) -> int:
         """Tasks on which the method's median time-to-target is finite."""
         return sum(math.isfinite(v) for v in self.steps_table(horizon)[method].values())
 
-    def speedup(self, method: str, reference_source: str = "tuned", horizon: float = 1.0) -> tuple[float, int]:
+    def speedup(
+        self, method: str, reference_source: str = "tuned", horizon: float = 1.0
+    ) -> tuple[float, int]:
         """Geometric-mean speed-up in steps-to-target over the reference, over tasks both reach.
 
         Args:
@@ -360,7 +377,9 @@ class Analysis:
                 theirs.append(final_test(other))
         return ours, theirs
 
-    def paired_losses(self, method: str, baseline: str, horizon: float = 1.0) -> tuple[list[float], list[float]]:
+    def paired_losses(
+        self, method: str, baseline: str, horizon: float = 1.0
+    ) -> tuple[list[float], list[float]]:
         """Final test losses of the two methods' reported runs, paired by (task, seed) over all tasks."""
         ours: list[float] = []
         theirs: list[float] = []
@@ -373,7 +392,11 @@ class Analysis:
     def compare(self, method: str, baseline: str, horizon: float = 1.0) -> PairedComparison:
         ours, theirs = self.paired_losses(method, baseline, horizon)
         return compare_paired(
-            ours, theirs, self.protocol.confidence, self.protocol.bootstrap_samples, seed=_stable_seed(method, baseline)
+            ours,
+            theirs,
+            self.protocol.confidence,
+            self.protocol.bootstrap_samples,
+            seed=_stable_seed(method, baseline),
         )
 
     # -- sensitivity, stability, resources --------------------------------------------------------------
@@ -416,7 +439,9 @@ class Analysis:
                 stacked = np.stack([t[:length] for t in traces])
                 with np.errstate(invalid="ignore", divide="ignore"):
                     spread.append(float(np.nanmean(stacked.std(0) / stacked.mean(0))))
-        return finite_median(roughness) if roughness else math.nan, finite_median(spread) if spread else math.nan
+        return finite_median(roughness) if roughness else math.nan, finite_median(
+            spread
+        ) if spread else math.nan
 
     def resources(self, method: str) -> dict[str, float]:
         """Median training seconds per 1000 steps, median peak RSS (MB) and peak CUDA memory (MB)."""

@@ -35,6 +35,28 @@ def _colors(methods: Sequence[str]) -> dict[str, Any]:
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
+def _linestyles(methods: Sequence[str]) -> dict[str, str]:
+    # Past ten methods the colours repeat; the line style tells the two methods of one colour apart.
+    return {m: ("-", "--", ":")[min(i // 10, 2)] for i, m in enumerate(methods)}
+
+
+def _legend_outside(fig: Any, axes: Sequence[Any]) -> None:
+    """One legend for the whole figure, right of the panels, so it never covers a curve or a title."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=7,
+            frameon=False,
+        )
+
+
 def _grid(count: int, max_cols: int = 3) -> tuple[int, int]:
     cols = min(max_cols, max(1, count))
     return math.ceil(count / cols), cols
@@ -43,7 +65,7 @@ def _grid(count: int, max_cols: int = 3) -> tuple[int, int]:
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
@@ -51,21 +73,28 @@ def _save(fig: Any, path: Path) -> Path:
 def performance_profile_plot(analysis: Analysis, path: Path, horizon: float = 1.0) -> Path:
     """rho(tau) per method over [1, r_max] (AlgoPerf's performance profile), score in the legend."""
     plt = _pyplot()
-    colors = _colors(analysis.methods)
+    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
     max_ratio = analysis.protocol.profile_max_ratio
     taus = np.linspace(1.0, max_ratio, 301)
     scores = analysis.scores(horizon)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for method, ratios in analysis.ratios(horizon).items():
         rho = [np.mean([r <= tau for r in ratios.values()]) if ratios else np.nan for tau in taus]
-        ax.step(taus, rho, where="post", color=colors[method], label=f"{method} (score {scores[method]:.3f})")
+        ax.step(
+            taus,
+            rho,
+            where="post",
+            color=colors[method],
+            ls=styles[method],
+            label=f"{method} (score {scores[method]:.3f})",
+        )
     ax.set_xlim(1.0, max_ratio)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("tau (steps-to-target / fastest method's)")
     ax.set_ylabel("fraction of tasks within tau")
     ax.set_title(f"Performance profile ({horizon:g}x budget)")
-    ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
+    _legend_outside(fig, [ax])
     return _save(fig, path)
 
 
@@ -75,7 +104,7 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
     if not tasks:
         return None
     plt = _pyplot()
-    colors = _colors(analysis.methods)
+    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
     rows, cols = _grid(len(tasks))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     ratio = analysis.protocol.divergence_ratio
@@ -90,7 +119,9 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
             losses = np.array([loss for _, loss in curve])
             ok = np.isfinite(losses)
             positive &= bool((losses[ok] > 0).all())
-            ax.plot(lrs[ok], losses[ok], marker="o", ms=3, color=colors[method], label=method)
+            ax.plot(
+                lrs[ok], losses[ok], marker="o", ms=3, color=colors[method], ls=styles[method], label=method
+            )
             diverged = {float(r["lr"]) for r in analysis.grid_runs(task, method) if is_diverged(r, ratio)}
             for lr, loss in curve:
                 if lr in diverged and math.isfinite(loss):
@@ -108,17 +139,19 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
         ax.set_xlabel("initial LR")
         ax.set_ylabel("final valid loss (median)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Sensitivity to the initial LR (x: diverged at that LR; on the top edge: NaN/inf)", fontsize=10)
+    _legend_outside(fig, list(axes.flat))
+    fig.suptitle(
+        "Sensitivity to the initial LR (x: diverged at that LR; on the top edge: NaN/inf)", fontsize=10
+    )
     return _save(fig, path)
 
 
 def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: float = 1.0) -> Path:
     """Validation loss (median and range over seeds) with the LR trace under it, for one task."""
     plt = _pyplot()
-    colors = _colors(analysis.methods)
+    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7.0, 5.6), sharex=True, height_ratios=(3, 2))
     positive = True
     for method in analysis.methods:
@@ -132,26 +165,34 @@ def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: flo
         positive &= bool(np.nanmin(losses, initial=1.0) > 0)
         with np.errstate(all="ignore"), _quiet():
             median = np.nanmedian(losses, axis=0)
-            ax_loss.fill_between(steps, np.nanmin(losses, 0), np.nanmax(losses, 0), color=colors[method], alpha=0.15)
-        ax_loss.plot(steps, median, color=colors[method], label=method)
+            ax_loss.fill_between(
+                steps, np.nanmin(losses, 0), np.nanmax(losses, 0), color=colors[method], alpha=0.15
+            )
+        ax_loss.plot(steps, median, color=colors[method], ls=styles[method], label=method)
         trace_len = min(len(r["lr_trace"]) for r in runs)
         if trace_len:
             traces = np.array([r["lr_trace"][:trace_len] for r in runs], dtype=float)
             with _quiet():
-                ax_lr.plot(np.arange(1, trace_len + 1), np.nanmedian(traces, 0), color=colors[method], lw=1.2)
+                ax_lr.plot(
+                    np.arange(1, trace_len + 1),
+                    np.nanmedian(traces, 0),
+                    color=colors[method],
+                    ls=styles[method],
+                    lw=1.2,
+                )
     target = analysis.target(task, horizon)
     if math.isfinite(target):
         ax_loss.axhline(target, color="black", ls="--", lw=0.8, label="target")
     if positive:
         ax_loss.set_yscale("log")
     ax_loss.set_ylabel("inner_valid loss")
-    ax_loss.legend(fontsize=7, ncol=2)
     ax_loss.grid(alpha=0.3)
     ax_loss.set_title(f"{analysis.task_labels[task]} ({horizon:g}x budget)", fontsize=10)
     ax_lr.set_yscale("log")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
+    _legend_outside(fig, [ax_loss])
     return _save(fig, path)
 
 
@@ -174,7 +215,7 @@ def lr_stability_plot(analysis: Analysis, path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("progress t/T")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(analysis.methods):]:
+    for ax in list(axes.flat)[len(analysis.methods) :]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("LR / initial LR")
     fig.suptitle("LR trajectories of the reported runs (every task and seed)", fontsize=10)
@@ -187,7 +228,9 @@ def resources_plot(analysis: Analysis, path: Path) -> Path:
     colors = _colors(analysis.methods)
     resources = {m: analysis.resources(m) for m in analysis.methods}
     use_cuda = any(r["peak_cuda_mb"] > 0 for r in resources.values())
-    memory_key, memory_label = ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("peak_rss_mb", "peak RSS (MB)")
+    memory_key, memory_label = (
+        ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("peak_rss_mb", "peak RSS (MB)")
+    )
     fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(9.0, 3.4))
     x = np.arange(len(analysis.methods))
     bar_colors = [colors[m] for m in analysis.methods]
@@ -207,20 +250,20 @@ def horizon_plot(analysis: Analysis, path: Path) -> Path | None:
     if len(analysis.horizons) < 2:
         return None
     plt = _pyplot()
-    colors = _colors(analysis.methods)
+    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
     horizons = sorted(analysis.horizons)
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for method in analysis.methods:
         ratios = [analysis.horizon_loss_ratio(method, h) for h in horizons]
-        ax.plot(horizons, ratios, marker="o", color=colors[method], label=method)
+        ax.plot(horizons, ratios, marker="o", color=colors[method], ls=styles[method], label=method)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xticks(horizons, [f"{h:g}x" for h in horizons])
     ax.set_xlabel("step budget (x the 1x budget)")
     ax.set_ylabel(f"final valid loss / {analysis.protocol.reference}'s")
-    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax.set_title("Horizon transfer", fontsize=10)
+    _legend_outside(fig, [ax])
     return _save(fig, path)
 
 

@@ -124,18 +124,20 @@ def summary_table(analysis: Analysis) -> Table:
             tuning = "self-tuning"
         else:
             tuning = "LR grid" if protocol.tune else "default LR"
-        rows.append((
-            method,
-            tuning,
-            fmt(analysis.tuning_cost(method), 3),
-            fmt(scores[method], 3),
-            f"{analysis.reached(method)}/{len(analysis.tasks)}",
-            *(f"{fmt_ratio(value)} ({tasks})" for value, tasks in speedups),
-            loss_ratio,
-            win,
-            p_value,
-            f"{diverged}/{len(reported)}",
-        ))
+        rows.append(
+            (
+                method,
+                tuning,
+                fmt(analysis.tuning_cost(method), 3),
+                fmt(scores[method], 3),
+                f"{analysis.reached(method)}/{len(analysis.tasks)}",
+                *(f"{fmt_ratio(value)} ({tasks})" for value, tasks in speedups),
+                loss_ratio,
+                win,
+                p_value,
+                f"{diverged}/{len(reported)}",
+            )
+        )
     speedup_headers = [f"speed-up vs tuned {reference} (tasks)"] if tuned_reference else []
     speedup_headers.append(f"speed-up vs default-LR {reference} (tasks)")
     return Table(
@@ -184,7 +186,11 @@ def per_task_table(analysis: Analysis) -> Table:
             runs, tuned_lr = analysis.reported(task, method)
             if not runs:
                 continue
-            lr = f"{fmt(tuned_lr, 3)} (tuned)" if tuned_lr is not None else f"{fmt(float(runs[0]['lr']), 3)} (default)"
+            lr = (
+                f"{fmt(tuned_lr, 3)} (tuned)"
+                if tuned_lr is not None
+                else f"{fmt(float(runs[0]['lr']), 3)} (default)"
+            )
             steps, seconds = analysis.median_time_to_target(runs)
             accuracy = [final_test(r, "accuracy") for r in runs]
             if method == reference:
@@ -192,17 +198,19 @@ def per_task_table(analysis: Analysis) -> Table:
             else:
                 ours, theirs = analysis.paired_losses_on(task, method, reference)
                 wins = f"{sum(a < b for a, b in zip(ours, theirs, strict=True))}/{len(ours)}"
-            rows.append((
-                f"{analysis.task_labels[task]} (target {fmt(target)})" if i == 0 else "",
-                method,
-                lr,
-                fmt_ci([final_valid_loss(r) for r in runs], confidence),
-                fmt_ci([final_test(r) for r in runs], confidence),
-                "-" if all(math.isnan(a) for a in accuracy) else fmt_ci(accuracy, confidence),
-                fmt_steps(steps),
-                fmt(seconds, 3),
-                wins,
-            ))
+            rows.append(
+                (
+                    f"{analysis.task_labels[task]} (target {fmt(target)})" if i == 0 else "",
+                    method,
+                    lr,
+                    fmt_ci([final_valid_loss(r) for r in runs], confidence),
+                    fmt_ci([final_test(r) for r in runs], confidence),
+                    "-" if all(math.isnan(a) for a in accuracy) else fmt_ci(accuracy, confidence),
+                    fmt_steps(steps),
+                    fmt(seconds, 3),
+                    wins,
+                )
+            )
     return Table(
         (
             "task",
@@ -226,23 +234,33 @@ def sensitivity_table(analysis: Analysis) -> Table:
         if not total:
             continue
         rows.append((method, fmt(analysis.sensitivity_spread(method), 3), f"{diverged}/{total}"))
-    return Table(("method", "loss spread max/min over the grid (median over tasks)", "diverged grid runs"), tuple(rows))
+    return Table(
+        ("method", "loss spread max/min over the grid (median over tasks)", "diverged grid runs"), tuple(rows)
+    )
 
 
 def horizon_table(analysis: Analysis) -> Table:
+    """Per method: score, tasks reaching the target and final loss relative to the reference, per budget."""
+    horizons = sorted(analysis.horizons)
+    scores = {h: analysis.scores(h) for h in horizons}
     rows = []
-    for horizon in sorted(analysis.horizons):
-        scores = analysis.scores(horizon)
-        for method in analysis.methods:
-            rows.append((
-                f"{horizon:g}x",
+    for method in analysis.methods:
+        rows.append(
+            (
                 method,
-                fmt(scores[method], 3),
-                f"{analysis.reached(method, horizon)}/{len(analysis.tasks)}",
-                fmt_ratio(analysis.horizon_loss_ratio(method, horizon)),
-            ))
+                *(fmt(scores[h][method], 3) for h in horizons),
+                *(f"{analysis.reached(method, h)}/{len(analysis.tasks)}" for h in horizons),
+                *(fmt_ratio(analysis.horizon_loss_ratio(method, h)) for h in horizons),
+            )
+        )
+    reference = analysis.protocol.reference
     return Table(
-        ("budget", "method", "score", "reached target", f"final valid loss / {analysis.protocol.reference}'s"),
+        (
+            "method",
+            *(f"score {h:g}x" for h in horizons),
+            *(f"reached {h:g}x" for h in horizons),
+            *(f"valid loss / {reference}'s {h:g}x" for h in horizons),
+        ),
         tuple(rows),
     )
 
@@ -261,14 +279,16 @@ def resources_table(analysis: Analysis) -> Table:
     for method in analysis.methods:
         resources = analysis.resources(method)
         overhead = resources["seconds_per_1k_steps"] / reference if reference and reference > 0 else math.nan
-        rows.append((
-            method,
-            fmt(resources["seconds_per_1k_steps"], 3),
-            fmt_ratio(overhead),
-            fmt(resources["peak_rss_mb"], 4),
-            fmt(resources["peak_cuda_mb"], 4),
-            str(analysis.runs_of(method)),
-        ))
+        rows.append(
+            (
+                method,
+                fmt(resources["seconds_per_1k_steps"], 3),
+                fmt_ratio(overhead),
+                fmt(resources["peak_rss_mb"], 4),
+                fmt(resources["peak_cuda_mb"], 4),
+                str(analysis.runs_of(method)),
+            )
+        )
     return Table(
         (
             "method",
@@ -303,7 +323,7 @@ def _protocol_text(analysis: Analysis) -> str:
         else "the best median final `inner_valid` loss among the tuned baselines"
     )
     return (
-        f"Suite `{protocol.suite}` ({protocol.split}), {len(analysis.tasks)} tasks: {tasks}. {tuning.capitalize()}. "
+        f"Suite `{protocol.suite}` ({protocol.split}), {len(analysis.tasks)} tasks: {tasks}. {tuning[0].upper()}{tuning[1:]}. "
         f"Target per task: {target}. Losses and accuracy of the reported runs are on `test`; nothing selects on "
         f"`test`. {len(analysis.records)} runs."
     )
@@ -339,24 +359,41 @@ def build_document(analysis: Analysis, figures_dir: Path) -> list[Block]:
     if sensitivity.rows:
         blocks += [Heading("Sensitivity to the initial LR"), sensitivity]
         blocks += _figures(
-            figures_dir, [("Final validation loss vs initial LR", "sensitivity.png", lambda p: plots.sensitivity_plot(analysis, p))]
+            figures_dir,
+            [
+                (
+                    "Final validation loss vs initial LR",
+                    "sensitivity.png",
+                    lambda p: plots.sensitivity_plot(analysis, p),
+                )
+            ],
         )
     if len(analysis.horizons) > 1:
         blocks += [Heading("Horizon transfer"), horizon_table(analysis)]
-        blocks += _figures(figures_dir, [("Horizon transfer", "horizons.png", lambda p: plots.horizon_plot(analysis, p))])
+        blocks += _figures(
+            figures_dir, [("Horizon transfer", "horizons.png", lambda p: plots.horizon_plot(analysis, p))]
+        )
 
     blocks += [Heading("Learning curves (median and range over seeds; LR trace below)")]
     blocks += _figures(
         figures_dir,
         [
-            (analysis.task_labels[task], f"curves-{i:02d}.png", functools.partial(plots.learning_curves_plot, analysis, task))
+            (
+                analysis.task_labels[task],
+                f"curves-{i:02d}.png",
+                functools.partial(plots.learning_curves_plot, analysis, task),
+            )
             for i, task in enumerate(analysis.tasks)
         ],
     )
     blocks += [Heading("LR stability"), stability_table(analysis)]
-    blocks += _figures(figures_dir, [("LR trajectories", "lr-stability.png", lambda p: plots.lr_stability_plot(analysis, p))])
+    blocks += _figures(
+        figures_dir, [("LR trajectories", "lr-stability.png", lambda p: plots.lr_stability_plot(analysis, p))]
+    )
     blocks += [Heading("Resources"), resources_table(analysis)]
-    blocks += _figures(figures_dir, [("Resources", "resources.png", lambda p: plots.resources_plot(analysis, p))])
+    blocks += _figures(
+        figures_dir, [("Resources", "resources.png", lambda p: plots.resources_plot(analysis, p))]
+    )
     return blocks
 
 
@@ -421,8 +458,10 @@ def _inline_markdown(text: str) -> str:
 def render_html(blocks: Sequence[Block]) -> str:
     """A single HTML file: no external CSS, scripts or images (PNGs are embedded as data URIs)."""
     title = next((b.text for b in blocks if isinstance(b, Heading)), "metalr evaluation")
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+    ]
     for block in blocks:
         if isinstance(block, Heading):
             parts.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
@@ -430,7 +469,9 @@ def render_html(blocks: Sequence[Block]) -> str:
             parts.append(f"<p>{_inline_markdown(block.text)}</p>")
         elif isinstance(block, Table):
             head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows
+            )
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         else:
             data = base64.b64encode(block.path.read_bytes()).decode("ascii")
@@ -471,4 +512,3 @@ def render_report(out_dir: str | Path) -> str:
     atomic_write_text(out_dir / "report.md", render_markdown(blocks, out_dir))
     atomic_write_text(out_dir / "report.html", render_html(blocks))
     return summary_text(analysis)
-

@@ -165,5 +165,7 @@ def lower_median(values: Values) -> float:
     For times-to-target over seeds this is "the time by which at least half of the seeds got there": with an
     even number of seeds the ordinary median of ``[40, inf]`` would be ``inf`` although one seed succeeded.
     """
-    data = np.sort(np.where(np.isnan(np.asarray(values, dtype=float)), np.inf, np.asarray(values, dtype=float)))
+    data = np.sort(
+        np.where(np.isnan(np.asarray(values, dtype=float)), np.inf, np.asarray(values, dtype=float))
+    )
     return float(data[(data.size - 1) // 2]) if data.size else math.nan

@@ -42,7 +42,9 @@ def held_out_specs(config: EvalConfig) -> list[TaskSpec]:
         available = [e.family for e in entries]
         unknown = sorted(set(config.families) - set(available))
         if unknown:
-            raise ConfigError(f"families {unknown} are not in the {config.split} list of suite {suite.name!r}: {available}")
+            raise ConfigError(
+                f"families {unknown} are not in the {config.split} list of suite {suite.name!r}: {available}"
+            )
         entries = [e for e in entries if e.family in config.families]
     if not entries:
         raise ConfigError(f"suite {suite.name!r} lists no {config.split} families to evaluate")
@@ -150,8 +152,14 @@ def evaluate_suite(
     total = len(phase1) + count_transfer_cells(config, specs)
     finished_before = len(phase1) - len(todo)
     executor: Executor | None = None
-    with tqdm(total=total, initial=finished_before, unit="run", desc=f"evaluate {config.name}", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        initial=finished_before,
+        unit="run",
+        desc=f"evaluate {config.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         try:
             executor = create_executor(backend, workers, controller_path, address)
             _run(executor, todo, results, protocol, bar)
@@ -161,7 +169,9 @@ def evaluate_suite(
             tuned_lrs = {}
             for spec in specs:
                 for entry in config.methods:
-                    lr = select_lr(r for r in grid if r["task_key"] == spec.key and r["method"] == entry.display)
+                    lr = select_lr(
+                        r for r in grid if r["task_key"] == spec.key and r["method"] == entry.display
+                    )
                     if lr is not None:
                         tuned_lrs[spec.key, entry.display] = lr
             phase2 = plan_transfer_cells(config, specs, tuned_lrs)

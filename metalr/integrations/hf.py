@@ -64,7 +64,9 @@ class LearnedLRCallback(TrainerCallback):
         >>> LearnedLRCallback().attach(trainer)
     """
 
-    def __init__(self, controller: LRController | str | os.PathLike[str] | None = None, **scheduler_kwargs: Any) -> None:
+    def __init__(
+        self, controller: LRController | str | os.PathLike[str] | None = None, **scheduler_kwargs: Any
+    ) -> None:
         self.controller = controller
         self.scheduler_kwargs = scheduler_kwargs
         self.scheduler: LearnedLR | None = None
@@ -83,7 +85,9 @@ class LearnedLRCallback(TrainerCallback):
         if self._attached_to is trainer:
             return self
         if self._attached_to is not None:
-            raise ValueError("this LearnedLRCallback is already attached to another Trainer; make one per Trainer")
+            raise ValueError(
+                "this LearnedLRCallback is already attached to another Trainer; make one per Trainer"
+            )
         given = trainer.lr_scheduler
         if given is not None and not isinstance(given, LearnedLR):
             raise ValueError(
@@ -130,7 +134,9 @@ class LearnedLRCallback(TrainerCallback):
 
     # -- TrainerCallback events --------------------------------------------------------------------------
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         scheduler = kwargs.get("lr_scheduler")
         if self._attached_to is None:
             raise RuntimeError(
@@ -138,21 +144,29 @@ class LearnedLRCallback(TrainerCallback):
                 "so that each step's loss reaches the scheduler"
             )
         if not isinstance(scheduler, LearnedLR):
-            raise RuntimeError(f"the Trainer's scheduler is a {type(scheduler).__name__}, not the LearnedLR this callback drives")
+            raise RuntimeError(
+                f"the Trainer's scheduler is a {type(scheduler).__name__}, not the LearnedLR this callback drives"
+            )
         self.scheduler = scheduler
         self._step_loss = None
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._step_loss = None
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         scheduler = kwargs.get("lr_scheduler") or self.scheduler
         if isinstance(scheduler, LearnedLR) and self._step_loss is not None:
             scheduler.discard_observed_losses()
             scheduler.observe_loss(self._step_loss)
         self._step_loss = None
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # When mixed precision skipped the optimizer step, Trainer did not call lr_scheduler.step(): the loss
         # handed over for that step must not leak into the next one.
         scheduler = kwargs.get("lr_scheduler") or self.scheduler

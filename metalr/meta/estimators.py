@@ -55,6 +55,8 @@ class Estimate:
 
 
 class Estimator(Protocol):
+    full_horizon: bool  # True: every run must start at step 0 and is unrolled to its end (no staggering)
+
     def __call__(self, controller: LRController, run: InnerRun, length: int, seed: int = 0) -> Estimate: ...
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from metalr.controller import LRController, detach_policy_state
 from metalr.features import Observation
-from metalr.meta.unroll import InnerRun, UnrollResult, extra_observations
+from metalr.meta.unroll import InnerRun, UnrollResult, detach_observation, extra_observations
 from metalr.tasks.optimizers import OptimizerHyper, make_torch_optimizer
 
 HIGHER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -144,7 +144,7 @@ def higher_unroll(
                 budget_used=budget,
             )
             if detach_features or not differentiable:
-                obs = Observation(*(tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach() for v in obs))
+                obs = detach_observation(obs)
             _, policy = controller.step(policy, obs)
             if not differentiable:
                 policy = detach_policy_state(policy)

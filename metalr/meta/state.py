@@ -73,8 +73,10 @@ def _put_policy(table: TensorTable, prefix: str, policy: PolicyState) -> dict[st
     for name, value in zip(FeatureState._fields, policy.features, strict=True):
         if isinstance(value, tuple):
             counts[name] = table.put_many(f"{prefix}.features.{name}", value)
-        else:
+        elif isinstance(value, Tensor):
             table.put(f"{prefix}.features.{name}", value)
+        else:
+            raise ResumeError(f"feature state field {name!r} is neither a tensor nor a tuple of tensors")
     table.put(f"{prefix}.log_factor", policy.log_factor)
     table.put(f"{prefix}.hidden", policy.hidden)
     return counts

@@ -149,7 +149,7 @@ def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device
 
     An untrained controller with the guardrail off is exactly a constant schedule at its base LR.
     """
-    constant = build_controller(replace(controller_config, base_schedule="constant", guard_cut=1.0))
+    constant = build_controller(replace(controller_config, base_schedule="constant", guard_cut=1.0)).to(device)
     scored = []
     for k in range(-4, 5):
         lr = min(controller_config.max_lr, max(controller_config.min_lr, spec.base_lr * 2.0**k))
@@ -172,6 +172,7 @@ class LoopState:
     guard_events: int = 0
     refused: int = 0
     consecutive_refused: int = 0
+    pending_guard_events: int = 0  # guard events of staggering unrolls, reported with the next meta-step
     best: float = math.inf
     window_sum: float = 0.0
     window_count: int = 0
@@ -305,9 +306,9 @@ class MetaTrainer:
         self.state = LoopState()
         self.logger = _Logger(run_dir, self.context, self.meta.tensorboard)
         self.runs: list[InnerRun | None] = [None] * self.meta.meta_batch
-        self.pending_guard_events = 0
         self.state_dir = run_dir / "resume"
         if not (resume and self._load_resume_state()):
+            self.logger.truncate_after(-1)  # a fresh start: no records of an earlier attempt remain
             for slot in range(self.meta.meta_batch):
                 self.runs[slot] = self._fill(slot, offset=not self.estimator.full_horizon)
 
@@ -339,7 +340,7 @@ class MetaTrainer:
             run = start_run(task, self.controller, self.meta.valid_batch_size)
             if skip:
                 result = unroll(self.controller, run, skip, differentiable=False, objective_every=max(1, skip))
-                self.pending_guard_events += result.alarms  # reported with the next meta-step's counters
+                self.state.pending_guard_events += result.alarms  # reported with the next meta-step's counters
                 run = result.run
             return run
 
@@ -363,8 +364,8 @@ class MetaTrainer:
         # Packed scalars: used, sum |g_i|^2, sum meta-loss, guard events, skipped, sum lr ratio, lr count.
         scalars = torch.zeros(7, dtype=torch.float64)
         flags = torch.zeros(meta.meta_batch, dtype=torch.float64)
-        scalars[3] += self.pending_guard_events
-        self.pending_guard_events = 0
+        scalars[3] += state.pending_guard_events
+        state.pending_guard_events = 0
         for slot, run in enumerate(self.runs):
             if run is None:
                 continue
@@ -402,6 +403,9 @@ class MetaTrainer:
         state.attempted += meta.meta_batch
         state.skipped += int(scalars[4])
         state.guard_events += int(scalars[3])
+        # Counted before the refills, so their events (refused tasks) carry this step's number and a resume
+        # from an earlier state drops them with the rest of the replayed steps' records.
+        state.meta_step += 1
         # Refill finished or diverged slots in slot order, identically on every worker.
         for slot in range(meta.meta_batch):
             if flags[slot] > 0:
@@ -424,7 +428,6 @@ class MetaTrainer:
             state.window_count += used
         state.window_lr_sum += float(scalars[5])
         state.window_lr_count += int(scalars[6])
-        state.meta_step += 1
         return {"meta_grad_norm": grad_norm, "estimator_variance": variance, "truncation_length": length}
 
     # -- checkpoints, probes, resume ---------------------------------------------------------------------------

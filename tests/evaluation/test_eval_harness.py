@@ -16,9 +16,23 @@ from metalr.evaluation.suite import held_out_specs
 from metalr.methods import list_methods
 from metalr.tasks import TaskSpec
 
-SPEC = TaskSpec("iris_mlp", seed=3, optimizer="adam", base_lr=3e-3, steps=20, batch_size=16,
-                options={"dataset": "iris", "width": 16, "depth": 1, "activation": "relu", "init_scale": 1.0,
-                         "train_fraction": 1.0, "label_noise": 0.0})
+SPEC = TaskSpec(
+    "iris_mlp",
+    seed=3,
+    optimizer="adam",
+    base_lr=3e-3,
+    steps=20,
+    batch_size=16,
+    options={
+        "dataset": "iris",
+        "width": 16,
+        "depth": 1,
+        "activation": "relu",
+        "init_scale": 1.0,
+        "train_fraction": 1.0,
+        "label_noise": 0.0,
+    },
+)
 
 
 def test_held_out_specs_are_fixed_by_the_suite_and_task_seed(tiny_config: EvalConfig) -> None:
@@ -44,6 +58,16 @@ def test_plan_covers_default_grid_and_horizons(tiny_config: EvalConfig) -> None:
     transfer = plan_transfer_cells(tiny_config, specs, tuned_lrs)
     assert len(transfer) == count_transfer_cells(tiny_config, specs) == 8
     assert {(c.lr, c.horizon, c.lr_source) for c in transfer} == {(1e-3, 2.0, "transfer")}
+
+
+def test_sensitivity_methods_limit_the_self_tuning_grid(tiny_config: EvalConfig) -> None:
+    specs = held_out_specs(tiny_config)
+    entries = (*tiny_config.methods, MethodEntry("prodigy"))
+    both = EvalConfig(**{**tiny_config.__dict__, "methods": entries})
+    only_learned = EvalConfig(**{**both.__dict__, "sensitivity_methods": ("learned",)})
+    grid_methods = {c.entry.display for c in plan_cells(only_learned, specs) if c.lr_source == "grid"}
+    assert grid_methods == {"constant", "cosine", "learned"}
+    assert "prodigy" in {c.entry.display for c in plan_cells(both, specs) if c.lr_source == "grid"}
 
 
 def test_tuning_off_runs_defaults_only(tiny_config: EvalConfig) -> None:
@@ -105,7 +129,8 @@ def test_no_module_of_the_harness_names_a_method() -> None:
     package = Path(evaluation_package.__file__).parent
     for path in package.glob("*.py"):
         literals = {
-            node.value for node in ast.walk(ast.parse(path.read_text()))
+            node.value
+            for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
         }
         assert not literals & names, f"{path.name} special-cases {sorted(literals & names)}"

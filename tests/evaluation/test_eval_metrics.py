@@ -50,7 +50,9 @@ def record(
         "horizon": horizon,
         "steps": 40,
         "steps_done": 40,
-        "valid": [{"step": s, "train_seconds": s / 100, "loss": v} for s, v in zip(STEPS, curve, strict=True)],
+        "valid": [
+            {"step": s, "train_seconds": s / 100, "loss": v} for s, v in zip(STEPS, curve, strict=True)
+        ],
         "initial_valid_loss": curve[0],
         "final_valid": {"loss": curve[-1]},
         "final_test": {"loss": curve[-1] if test_loss is None else test_loss},
@@ -78,7 +80,11 @@ HAND_MADE = [
 def test_profile_and_score_on_hand_made_times() -> None:
     times = {"cosine": {"A": 40.0, "B": 20.0}, "m1": {"A": 10.0, "B": math.inf}, "m2": {"A": 30.0, "B": 20.0}}
     ratios = performance_ratios(times)
-    assert ratios == {"cosine": {"A": 4.0, "B": 1.0}, "m1": {"A": 1.0, "B": math.inf}, "m2": {"A": 3.0, "B": 1.0}}
+    assert ratios == {
+        "cosine": {"A": 4.0, "B": 1.0},
+        "m1": {"A": 1.0, "B": math.inf},
+        "m2": {"A": 3.0, "B": 1.0},
+    }
     assert performance_profile(ratios["m2"], [1.0, 2.9, 3.0, 4.0]).tolist() == [0.5, 0.5, 1.0, 1.0]
     assert performance_profile(ratios["m1"], [1.0, 4.0, 100.0]).tolist() == [0.5, 0.5, 0.5]
     # Integral of rho over [1, 4] / 3: cosine (0 + 1)/2, m1 (1 + 0)/2, m2 ((4-3)/3 + 1)/2.
@@ -123,11 +129,18 @@ def test_hand_made_results_file_gives_the_known_scores(tmp_path: Path) -> None:
 
 
 def test_best_baseline_target_takes_the_best_tuned_median() -> None:
-    protocol = {"methods": ["cosine", "m1", "m2"], "reference": "cosine", "tune": False, "target": "best_baseline"}
+    protocol = {
+        "methods": ["cosine", "m1", "m2"],
+        "reference": "cosine",
+        "tune": False,
+        "target": "best_baseline",
+    }
     records = [
         record("A", "cosine", [1.0, 0.9, 0.7, 0.6, 0.5], protocol=protocol),
         record("A", "m1", [1.0, 0.5, 0.4, 0.3, 0.2], tuned=True, protocol=protocol),
-        record("A", "m2", [1.0, 0.5, 0.4, 0.3, 0.1], tuned=False, protocol=protocol),  # self-tuning: not a baseline
+        record(
+            "A", "m2", [1.0, 0.5, 0.4, 0.3, 0.1], tuned=False, protocol=protocol
+        ),  # self-tuning: not a baseline
     ]
     assert Analysis(records).target("A") == 0.2
 
@@ -137,10 +150,30 @@ def test_tuning_selects_on_inner_valid_median_never_on_test() -> None:
     records = []
     for seed, (good, bad) in enumerate([(0.30, 0.35), (0.31, 0.20), (0.29, 0.36)]):
         # lr 0.01 has the better median validation loss but a much worse test loss.
-        records.append(record("A", "cosine", [1, 0.8, 0.6, 0.4, good], seed=seed, lr=0.01, source="grid",
-                              test_loss=5.0, protocol=protocol))
-        records.append(record("A", "cosine", [1, 0.8, 0.6, 0.4, bad], seed=seed, lr=0.1, source="grid",
-                              test_loss=0.01, protocol=protocol))
+        records.append(
+            record(
+                "A",
+                "cosine",
+                [1, 0.8, 0.6, 0.4, good],
+                seed=seed,
+                lr=0.01,
+                source="grid",
+                test_loss=5.0,
+                protocol=protocol,
+            )
+        )
+        records.append(
+            record(
+                "A",
+                "cosine",
+                [1, 0.8, 0.6, 0.4, bad],
+                seed=seed,
+                lr=0.1,
+                source="grid",
+                test_loss=0.01,
+                protocol=protocol,
+            )
+        )
     assert select_lr(records) == 0.01
     analysis = Analysis(records)
     runs, lr = analysis.reported("A", "cosine")

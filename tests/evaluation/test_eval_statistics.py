@@ -42,7 +42,11 @@ def test_bootstrap_ci_agrees_with_scipy_percentile_bootstrap() -> None:
     wins = np.array([1, 1, 0, 1, 0.5, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0.5, 1, 0, 1, 1], dtype=float)
     ours = bootstrap_ci(wins, confidence=0.95, n_resamples=20_000, seed=3)
     reference = stats.bootstrap(
-        (wins,), np.mean, confidence_level=0.95, n_resamples=20_000, method="percentile",
+        (wins,),
+        np.mean,
+        confidence_level=0.95,
+        n_resamples=20_000,
+        method="percentile",
         random_state=np.random.default_rng(7),
     ).confidence_interval
     # Two Monte-Carlo estimates of the same percentiles: equal up to resampling noise (and the 1/40 grid of

@@ -95,8 +95,19 @@ def test_cli_reports_a_missing_controller_in_one_line(
     assert main(["evaluate", str(suite), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "controller" in error and "Traceback" not in error
-    assert main(["evaluate", str(suite), "--controller", str(tmp_path / "nope.safetensors"),
-                 "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(suite),
+                "--controller",
+                str(tmp_path / "nope.safetensors"),
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "nope.safetensors" in capsys.readouterr().err
 
 
@@ -107,7 +118,9 @@ def test_protocol_settings_are_validated(eval_yaml: Callable[[str], Path]) -> No
         load_eval_config(eval_yaml("methods: [cosine]\ntarget: fastest\n"))
     with pytest.raises(ConfigError, match="lr_grid"):
         load_eval_config(eval_yaml("methods: [cosine]\nlr_grid: {lion: [0.1]}\n"))
-    config = load_eval_config(eval_yaml("methods: [cosine]\nlr_grid: {adam: [0.001, 0.01]}\nlr_grid_points: 3\n"))
+    config = load_eval_config(
+        eval_yaml("methods: [cosine]\nlr_grid: {adam: [0.001, 0.01]}\nlr_grid_points: 3\n")
+    )
     assert config.grid_for("adam") == (0.001, 0.01)
     assert config.grid_for("sgd") == (0.001, 0.0316227766017, 1.0)
     with pytest.raises(ConfigError, match="families"):

@@ -13,7 +13,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from metalr import LRController  # noqa: E402
 from metalr.integrations.hf import LearnedLRCallback  # noqa: E402
@@ -30,7 +36,11 @@ class TinyTextDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.labels[i],
+        }
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -73,7 +83,11 @@ def spy_on_scheduler(sched: LearnedLR) -> list[tuple[float, float]]:
 
     def recording(loss: torch.Tensor) -> None:
         grads = [p.grad for p in sched._params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        norm = (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            if grads
+            else 0.0
+        )
         seen.append((float(loss), norm))
         observe(loss)
 
@@ -93,7 +107,9 @@ def make_args(tmp_path, **overrides) -> TrainingArguments:
 
 def test_trainer_builds_learned_lr_and_feeds_each_steps_loss_and_gradients(tmp_path) -> None:
     spy = Spy()
-    trainer = Trainer(model=tiny_bert(), args=make_args(tmp_path), train_dataset=TinyTextDataset(), callbacks=[spy])
+    trainer = Trainer(
+        model=tiny_bert(), args=make_args(tmp_path), train_dataset=TinyTextDataset(), callbacks=[spy]
+    )
     callback = LearnedLRCallback(active_controller()).attach(trainer)
     original_create = trainer.create_scheduler
     observed: dict[str, list[tuple[float, float]]] = {}
@@ -141,7 +157,9 @@ def test_attach_refuses_what_it_cannot_drive(tmp_path) -> None:
     model = tiny_bert()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=5)
-    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=TinyTextDataset(), optimizers=(optimizer, cosine))
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path), train_dataset=TinyTextDataset(), optimizers=(optimizer, cosine)
+    )
     with pytest.raises(ValueError, match="CosineAnnealingLR"):
         LearnedLRCallback(active_controller()).attach(trainer)
     plain = Trainer(model=tiny_bert(), args=make_args(tmp_path), train_dataset=TinyTextDataset())

@@ -34,16 +34,23 @@ def mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
 
 
-def data(steps: int, batch: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def data(
+    steps: int, batch: int, dtype: torch.dtype = torch.float32, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(batch, 6, generator=generator, dtype=dtype), torch.randn(batch, 1, generator=generator, dtype=dtype))
+        (
+            torch.randn(batch, 6, generator=generator, dtype=dtype),
+            torch.randn(batch, 1, generator=generator, dtype=dtype),
+        )
         for _ in range(steps)
     ]
 
 
 def global_grad_norm(model: nn.Module) -> float:
-    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None))
+    return math.sqrt(
+        sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None)
+    )
 
 
 # -- gradient accumulation -------------------------------------------------------------------------------
@@ -117,7 +124,9 @@ def test_bfloat16_autocast_on_cpu() -> None:
     assert float(sched._last_loss) == pytest.approx(float(loss.detach()), rel=1e-6)
 
 
-def _scaler_run(device: str, dtype: torch.dtype, poison_step: int | None) -> tuple[list[float], list[float], LearnedLR]:
+def _scaler_run(
+    device: str, dtype: torch.dtype, poison_step: int | None
+) -> tuple[list[float], list[float], LearnedLR]:
     model = mlp().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
@@ -245,7 +254,9 @@ def test_ddp_ranks_compute_the_same_lr_bit_for_bit(tmp_path) -> None:
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     # Default (sync_loss=None): on, since a 2-rank process group is initialised.
     synced0, synced1 = rank0["None"], rank1["None"]
-    assert synced0["losses"] != synced1["losses"], "the ranks must see different data for the test to mean something"
+    assert synced0["losses"] != synced1["losses"], (
+        "the ranks must see different data for the test to mean something"
+    )
     assert synced0["lrs"] == synced1["lrs"]  # exact equality of Python floats: bit for bit
     assert len(set(synced0["lrs"])) > 1
     # Without the loss all-reduce the rank-local losses would make the ranks' LRs drift apart.

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from reliability_support import run_metalr, tiny_recipe, tiny_suite, write_yaml
-
 import faulty_tasks  # noqa: F401  (registers the test-only family in this process too)
+import pytest
+from reliability_support import eval_suite_files, run_metalr, tiny_recipe, tiny_suite
 
 
 @dataclass(frozen=True)
@@ -33,35 +32,6 @@ def meta_reference(reliability_dir: Path) -> Run:
     result = run_metalr(["meta-train", str(recipe), "--out", str(out), "--no-progress"])
     assert result.returncode == 0, result.stderr[-3000:]
     return Run(recipe, out, result.stdout, result.stderr)
-
-
-def eval_suite_files(directory: Path) -> Path:
-    """A tiny evaluation: 2 held-out families x 2 tasks x (constant, cosine) x 1 seed = 8 runs of 20 steps."""
-    tasks = {"dims": [3, 6], "steps": [20, 40], "batch_sizes": [16]}
-    suite = tiny_suite(
-        directory,
-        name="tiny-eval-tasks",
-        held_out=[
-            {"family": "noisy_quadratic", "examples": 256, **tasks},
-            {"family": "linear_regression", "examples": [128, 256], **tasks},
-        ],
-    )
-    return write_yaml(
-        directory / "tiny-eval.yaml",
-        {
-            "name": "tiny-eval",
-            "suite": str(suite),
-            "split": "held_out",
-            "tasks_per_family": 2,
-            "seeds": 1,
-            "max_steps": 20,
-            "methods": ["constant", "cosine"],
-            "tune": False,
-            "horizon_scales": [],
-            "eval_every": 5,
-            "bootstrap_samples": 100,
-        },
-    )
 
 
 @pytest.fixture(scope="session")

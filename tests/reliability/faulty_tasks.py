@@ -49,8 +49,9 @@ def _poisoned_loss(kind: str, model_call: ModelCall, batch: Batch) -> Tensor:
 
 @dataclass
 class PoisonedLinearFamily:
-    poison: str = "nan_loss"
-    poison_probability: float = 1.0  # fraction of sampled tasks that carry the fault
+    # Defaults give a clean task, so a registry-wide smoke test that meets this family sees nothing odd.
+    poison: str = "none"
+    poison_probability: float = 0.0  # fraction of sampled tasks that carry the fault
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(optimizers=("sgd",), steps=(20, 30), batch_sizes=(8,))
     )

@@ -53,6 +53,35 @@ def tiny_recipe(directory: Path, suite: Path, name: str = "tiny", seed: int = 3,
     return write_yaml(directory / f"{name}-recipe.yaml", {"name": name, "suite": str(suite), "seed": seed, "meta": settings})
 
 
+def eval_suite_files(directory: Path) -> Path:
+    """A tiny evaluation: 2 held-out families x 2 tasks x (constant, cosine) x 1 seed = 8 runs of 20 steps."""
+    tasks = {"dims": [3, 6], "steps": [20, 40], "batch_sizes": [16]}
+    suite = tiny_suite(
+        directory,
+        name="tiny-eval-tasks",
+        held_out=[
+            {"family": "noisy_quadratic", "examples": 256, **tasks},
+            {"family": "linear_regression", "examples": [128, 256], **tasks},
+        ],
+    )
+    return write_yaml(
+        directory / "tiny-eval.yaml",
+        {
+            "name": "tiny-eval",
+            "suite": str(suite),
+            "split": "held_out",
+            "tasks_per_family": 2,
+            "seeds": 1,
+            "max_steps": 20,
+            "methods": ["constant", "cosine"],
+            "tune": False,
+            "horizon_scales": [],
+            "eval_every": 5,
+            "bootstrap_samples": 100,
+        },
+    )
+
+
 def subprocess_env(fault: dict[str, Any] | None = None, trace: Path | None = None, rss_every: int = 0) -> dict[str, str]:
     env = {
         **os.environ,

@@ -11,9 +11,11 @@ metadata. The only exception ``load_controller`` may raise is :class:`Checkpoint
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_support import ROOT, assert_one_line_user_error, subprocess_env
+from reliability_support import ROOT, assert_one_line_user_error, eval_suite_files, subprocess_env
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -79,7 +81,6 @@ def test_code_executing_payloads_are_refused_by_every_entry_point(tmp_path: Path
 
 
 def test_cli_refuses_a_payload_controller_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import eval_suite_files
 
     marker = tmp_path / "PWNED"
     suite = eval_suite_files(tmp_path)
@@ -168,7 +169,7 @@ _BUG_OVERFLOW = pytest.mark.xfail(
 _BUG_INFINITE_BOUNDS = pytest.mark.xfail(
     strict=True,
     reason="BUG metalr/controller.py PolicyConfig (via load_controller): infinite max_lr/max_factor from untrusted metadata "
-    "are accepted, so the LR has no upper bound",
+    "are accepted, so the LR has no upper bound (a crafted file drove LearnedLR to lr=3.9e9 within 3000 steps)",
 )
 
 
@@ -261,6 +262,7 @@ def test_metadata_describing_a_huge_network_is_refused_before_allocating_it(tmp_
 # Fuzzing: whatever the bytes, the loader raises CheckpointError or returns a valid controller.
 
 _FUZZ_DIR = Path(tempfile.mkdtemp(prefix="metalr-fuzz-"))
+atexit.register(shutil.rmtree, _FUZZ_DIR, True)
 
 
 def _load_or_refuse(content: bytes, suffix: str = ".safetensors") -> LRController | None:
@@ -378,7 +380,4 @@ def test_fuzz_mutated_metadata(valid_checkpoint: tuple[dict[str, Any], dict[str,
             parent[path[-1]] = value
     path = _FUZZ_DIR / "fuzz-meta.safetensors"
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
-    try:
-        load_controller(path)
-    except CheckpointError:
-        pass
+    _load_or_refuse(path.read_bytes())

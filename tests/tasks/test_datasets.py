@@ -40,6 +40,14 @@ DAMAGE = {
 }
 
 
+def _extract(tar: tarfile.TarFile, target: Path) -> None:
+    # The "data" filter exists from Python 3.10.12 / 3.11.4 on; our own fixtures are safe either way.
+    try:
+        tar.extractall(target, filter="data")
+    except TypeError:
+        tar.extractall(target)
+
+
 def test_every_dataset_has_a_fixture_and_damage_case() -> None:
     assert set(EXPECTED) == set(LOADERS) == set(DAMAGE)
 
@@ -73,7 +81,7 @@ def test_idx_images_decode_exactly(fixture_dir: Path) -> None:
 
 def test_cifar_extracted_folder_and_archive_agree(fixture_dir: Path, tmp_path: Path) -> None:
     with tarfile.open(fixture_dir / "cifar10" / "cifar-10-python.tar.gz") as tar:
-        tar.extractall(tmp_path / "cifar10", filter="data")
+        _extract(tar, tmp_path / "cifar10")
     from_folder = tensors._numpy_column(load_dataset("cifar10", tmp_path)["train"], "image")
     from_archive = tensors._numpy_column(load_dataset("cifar10", fixture_dir)["train"], "image")
     np.testing.assert_array_equal(from_folder, from_archive)
@@ -98,7 +106,7 @@ def test_cifar_refuses_pickles_that_run_code(data_copy: Path) -> None:
 
 def test_imdb_folder_layout_and_line_breaks(fixture_dir: Path, tmp_path: Path) -> None:
     with tarfile.open(fixture_dir / "imdb" / "aclImdb_v1_labeled.tar.gz") as tar:
-        tar.extractall(tmp_path, filter="data")
+        _extract(tar, tmp_path)
     loaded = load_dataset("imdb", tmp_path)  # tmp_path/aclImdb, found in the data directory itself
     assert loaded["train"].num_rows == 24
     assert not any("<br" in text for text in loaded["train"]["text"])
@@ -166,7 +174,9 @@ def test_malformed_file_error_names_the_file(name: str, data_copy: Path) -> None
 
 def test_missing_one_file_of_a_layout(data_copy: Path) -> None:
     (data_copy / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz"):
+    with pytest.raises(
+        DatasetError, match=r"mnist: dataset files not found.*lacks \['t10k-labels-idx1-ubyte.gz'\]"
+    ):
         load_dataset("mnist", data_copy)
 
 
@@ -174,7 +184,10 @@ def test_unreachable_hub_fails_fast_with_reason(tmp_path: Path, monkeypatch: pyt
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(dataset_base, "hub_reachable", lambda timeout_s=5.0: False)
-    with pytest.raises(DatasetError, match=r"mnist: dataset files not found.*'mnist' was not tried: huggingface.co is unreachable"):
+    with pytest.raises(
+        DatasetError,
+        match=r"mnist: dataset files not found.*'mnist' was not tried: huggingface.co is unreachable",
+    ):
         load_dataset("mnist", tmp_path)
 
 
@@ -197,7 +210,9 @@ def test_hub_rows_are_normalised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     hub = datasets.DatasetDict(
         {
-            "train": datasets.Dataset.from_dict({"sentence": ["good", "bad"], "label": [1, 0], "idx": [0, 1]}),
+            "train": datasets.Dataset.from_dict(
+                {"sentence": ["good", "bad"], "label": [1, 0], "idx": [0, 1]}
+            ),
             "validation": datasets.Dataset.from_dict({"sentence": ["fine"], "label": [1], "idx": [0]}),
             "test": datasets.Dataset.from_dict({"sentence": ["?"], "label": [-1], "idx": [0]}),
         }

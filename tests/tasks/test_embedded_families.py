@@ -11,8 +11,14 @@ from metalr.tasks import SPLITS, TaskSpec, build_task, create_task_family, list_
 from metalr.tasks.embedded import FRACTIONS
 
 EMBEDDED = [
-    "digits_mlp", "breast_cancer_mlp", "wine_mlp", "iris_mlp",
-    "noisy_quadratic", "linear_regression", "logistic_regression", "teacher_student",
+    "digits_mlp",
+    "breast_cancer_mlp",
+    "wine_mlp",
+    "iris_mlp",
+    "noisy_quadratic",
+    "linear_regression",
+    "logistic_regression",
+    "teacher_student",
 ]
 
 

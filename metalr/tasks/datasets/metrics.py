@@ -39,8 +39,14 @@ def precision_recall_f1(predictions: Tensor, labels: Tensor, num_classes: int) -
     precision = torch.where(predicted > 0, true_pos / predicted.clamp_min(1), torch.zeros_like(true_pos))
     recall = torch.where(actual > 0, true_pos / actual.clamp_min(1), torch.zeros_like(true_pos))
     denominator = precision + recall
-    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-12), torch.zeros_like(true_pos))
-    out = {"macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean())}
+    f1 = torch.where(
+        denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-12), torch.zeros_like(true_pos)
+    )
+    out = {
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+    }
     if num_classes == 2:
         out.update({"precision": float(precision[1]), "recall": float(recall[1]), "f1": float(f1[1])})
     return out
@@ -61,7 +67,9 @@ def binary_auc(scores: Tensor, labels: Tensor) -> float:
     # Average the ranks of tied scores.
     unique, inverse, counts = torch.unique(sorted_scores, return_inverse=True, return_counts=True)
     if len(unique) < len(scores):
-        rank_sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, torch.arange(1, len(scores) + 1, dtype=torch.float64))
+        rank_sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(
+            0, inverse, torch.arange(1, len(scores) + 1, dtype=torch.float64)
+        )
         ranks[order] = (rank_sums / counts)[inverse]
     rank_sum = float(ranks[labels].sum())
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
@@ -115,7 +123,9 @@ def token_f1(prediction: str, gold_answers: list[str]) -> float:
     return max(_token_f1(prediction, g) for g in gold_answers)
 
 
-def best_spans(start_logits: Tensor, end_logits: Tensor, context_mask: Tensor, max_answer_tokens: int = 30) -> tuple[Tensor, Tensor]:
+def best_spans(
+    start_logits: Tensor, end_logits: Tensor, context_mask: Tensor, max_answer_tokens: int = 30
+) -> tuple[Tensor, Tensor]:
     """Highest-scoring ``(start, end)`` per row with ``start <= end < start + max_answer_tokens``, both in
     the context (the decoding of the BERT paper and of Hugging Face's QA examples)."""
     length = start_logits.shape[-1]

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 SQUAD = LoaderSpec(
     "squad",
     ("squad", "SQuAD"),
-    (FileLayout(("train-v1.1.json", "dev-v1.1.json"), "official train and dev"), FileLayout(("dev-v1.1.json",), "dev only: train/test carved by article")),
+    (
+        FileLayout(("train-v1.1.json", "dev-v1.1.json"), "official train and dev"),
+        FileLayout(("dev-v1.1.json",), "dev only: train/test carved by article"),
+    ),
     hub_id="squad",
 )
 DEV_ONLY_TEST_FRACTION = 0.2
@@ -51,9 +54,13 @@ def read_squad_json(path: Path) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8") as handle:
             payload = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise malformed("squad", path, f"not valid JSON ({type(err).__name__}: {err}); truncated download?") from None
+        raise malformed(
+            "squad", path, f"not valid JSON ({type(err).__name__}: {err}); truncated download?"
+        ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        raise malformed("squad", path, "expected a JSON object with a 'data' list of articles (SQuAD v1.1 format)")
+        raise malformed(
+            "squad", path, "expected a JSON object with a 'data' list of articles (SQuAD v1.1 format)"
+        )
     rows = []
     try:
         for article_index, article in enumerate(payload["data"]):
@@ -64,7 +71,9 @@ def read_squad_json(path: Path) -> list[dict[str, Any]]:
                     for answer in answers:
                         start, text = int(answer["answer_start"]), str(answer["text"])
                         if context[start : start + len(text)] != text:
-                            raise ValueError(f"answer {text!r} of question {qa['id']} is not at offset {start} of its context")
+                            raise ValueError(
+                                f"answer {text!r} of question {qa['id']} is not at offset {start} of its context"
+                            )
                     rows.append(
                         {
                             "id": str(qa["id"]),
@@ -72,7 +81,10 @@ def read_squad_json(path: Path) -> list[dict[str, Any]]:
                             "title": str(article.get("title", "")),
                             "context": context,
                             "question": qa["question"],
-                            "answers": {"text": [a["text"] for a in answers], "answer_start": [int(a["answer_start"]) for a in answers]},
+                            "answers": {
+                                "text": [a["text"] for a in answers],
+                                "answer_start": [int(a["answer_start"]) for a in answers],
+                            },
                         }
                     )
     except (KeyError, TypeError, ValueError) as err:
@@ -87,12 +99,21 @@ def _read_squad(folder: Path, layout: FileLayout) -> DatasetDict:
 
     dev = read_squad_json(folder / "dev-v1.1.json")
     if "train-v1.1.json" in layout.files:
-        return DatasetDict({"train": _squad_dataset(read_squad_json(folder / "train-v1.1.json")), "test": _squad_dataset(dev)})
+        return DatasetDict(
+            {
+                "train": _squad_dataset(read_squad_json(folder / "train-v1.1.json")),
+                "test": _squad_dataset(dev),
+            }
+        )
     articles = sorted({r["article"] for r in dev})
     random.Random(0).shuffle(articles)
     test_articles = set(articles[: max(1, round(len(articles) * DEV_ONLY_TEST_FRACTION))])
     if len(test_articles) == len(articles):
-        raise malformed("squad", folder / "dev-v1.1.json", f"{len(articles)} article(s): need at least 2 to carve train and test")
+        raise malformed(
+            "squad",
+            folder / "dev-v1.1.json",
+            f"{len(articles)} article(s): need at least 2 to carve train and test",
+        )
     return DatasetDict(
         {
             "train": _squad_dataset([r for r in dev if r["article"] not in test_articles]),
@@ -118,5 +139,10 @@ def _normalise_hub(loaded: DatasetDict) -> DatasetDict:
 def load_squad(data_dir: str | os.PathLike[str] | None = None) -> DatasetDict:
     """SQuAD v1.1: 87,599 train + 10,570 dev questions (or dev alone, carved by article)."""
     return load_with_fallback(
-        SQUAD, data_dir, lambda f, lay: cached_arrow(f"squad-{len(lay.files)}", [f / n for n in lay.files], lambda: _read_squad(f, lay)), _normalise_hub
+        SQUAD,
+        data_dir,
+        lambda f, lay: cached_arrow(
+            f"squad-{len(lay.files)}", [f / n for n in lay.files], lambda: _read_squad(f, lay)
+        ),
+        _normalise_hub,
     )

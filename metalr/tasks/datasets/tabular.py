@@ -26,10 +26,32 @@ if TYPE_CHECKING:
     import pandas as pd
     from datasets import DatasetDict
 
-TITANIC = LoaderSpec("titanic", ("titanic",), (FileLayout(("train.csv",), "Kaggle 'Titanic - Machine Learning from Disaster'"),), search_root=False)
-ADULT = LoaderSpec("adult", ("adult", "uci_adult", "census_income"), (FileLayout(("adult.data", "adult.test"), "UCI repository files"),))
+TITANIC = LoaderSpec(
+    "titanic",
+    ("titanic",),
+    (FileLayout(("train.csv",), "Kaggle 'Titanic - Machine Learning from Disaster'"),),
+    search_root=False,
+)
+ADULT = LoaderSpec(
+    "adult",
+    ("adult", "uci_adult", "census_income"),
+    (FileLayout(("adult.data", "adult.test"), "UCI repository files"),),
+)
 
-TITANIC_COLUMNS = ("PassengerId", "Survived", "Pclass", "Name", "Sex", "Age", "SibSp", "Parch", "Ticket", "Fare", "Cabin", "Embarked")
+TITANIC_COLUMNS = (
+    "PassengerId",
+    "Survived",
+    "Pclass",
+    "Name",
+    "Sex",
+    "Age",
+    "SibSp",
+    "Parch",
+    "Ticket",
+    "Fare",
+    "Cabin",
+    "Embarked",
+)
 ADULT_COLUMNS = (
     "age", "workclass", "fnlwgt", "education", "education_num", "marital_status", "occupation", "relationship",
     "race", "sex", "capital_gain", "capital_loss", "hours_per_week", "native_country", "income",
@@ -51,7 +73,11 @@ def _read_titanic(folder: Path, layout: FileLayout) -> DatasetDict:
     require_columns("titanic", path, list(frame.columns), TITANIC_COLUMNS)
     survived = pd.to_numeric(frame["Survived"], errors="coerce")
     if survived.isna().any() or not survived.isin([0, 1]).all():
-        raise malformed("titanic", path, f"'Survived' must be 0/1 on every row; row {int(survived.isna().idxmax()) + 2} is not (truncated file?)")
+        raise malformed(
+            "titanic",
+            path,
+            f"'Survived' must be 0/1 on every row; row {int(survived.isna().idxmax()) + 2} is not (truncated file?)",
+        )
     frame = frame.assign(label=survived.astype("int64"))
     order = list(range(len(frame)))
     random.Random(0).shuffle(order)
@@ -71,23 +97,43 @@ def _read_adult_file(path: Path, test: bool) -> pd.DataFrame:
     check_field_counts("adult", path, len(ADULT_COLUMNS))
     try:
         # adult.test starts with "|1x3 Cross validator" and ends its labels with "."; "?" marks missing values.
-        frame = pd.read_csv(path, header=None, names=list(ADULT_COLUMNS), skipinitialspace=True, na_values="?", comment="|", skip_blank_lines=True)
+        frame = pd.read_csv(
+            path,
+            header=None,
+            names=list(ADULT_COLUMNS),
+            skipinitialspace=True,
+            na_values="?",
+            comment="|",
+            skip_blank_lines=True,
+        )
     except Exception as err:
         raise malformed("adult", path, f"cannot parse CSV ({type(err).__name__}: {err})") from None
     raw_income = frame["income"].astype("string")
     if test and not raw_income.str.endswith(".").fillna(False).all():
         # Every label of adult.test ends with "."; one without it is a cut-off last line.
         row = int((~raw_income.str.endswith(".").fillna(False)).to_numpy().argmax())
-        raise malformed("adult", path, f"data row {row + 1} has income {raw_income.iloc[row]!r}; every adult.test label ends with '.' (truncated file?)")
+        raise malformed(
+            "adult",
+            path,
+            f"data row {row + 1} has income {raw_income.iloc[row]!r}; every adult.test label ends with '.' (truncated file?)",
+        )
     income = raw_income.str.rstrip(".")
     bad = ~income.isin(["<=50K", ">50K"])
     if bad.any():
         row = int(bad.to_numpy().argmax())
-        raise malformed("adult", path, f"data row {row + 1} has income {frame['income'].iloc[row]!r}, expected '<=50K' or '>50K' in column 15 (truncated file?)")
+        raise malformed(
+            "adult",
+            path,
+            f"data row {row + 1} has income {frame['income'].iloc[row]!r}, expected '<=50K' or '>50K' in column 15 (truncated file?)",
+        )
     for column in ADULT_NUMERIC:
         values = pd.to_numeric(frame[column], errors="coerce")
         if values.isna().any():
-            raise malformed("adult", path, f"column {column!r} has a non-numeric value on data row {int(values.isna().to_numpy().argmax()) + 1}")
+            raise malformed(
+                "adult",
+                path,
+                f"column {column!r} has a non-numeric value on data row {int(values.isna().to_numpy().argmax()) + 1}",
+            )
         frame[column] = values.astype("float64")
     return frame.assign(label=(income == ">50K").astype("int64"))
 
@@ -95,7 +141,12 @@ def _read_adult_file(path: Path, test: bool) -> pd.DataFrame:
 def _read_adult(folder: Path, layout: FileLayout) -> DatasetDict:
     from datasets import Dataset, DatasetDict
 
-    return DatasetDict({split: Dataset.from_pandas(_read_adult_file(folder / name, split == "test")) for split, name in (("train", "adult.data"), ("test", "adult.test"))})
+    return DatasetDict(
+        {
+            split: Dataset.from_pandas(_read_adult_file(folder / name, split == "test"))
+            for split, name in (("train", "adult.data"), ("test", "adult.test"))
+        }
+    )
 
 
 def load_titanic(data_dir: str | os.PathLike[str] | None = None) -> DatasetDict:

@@ -52,7 +52,9 @@ def validation_size(pool: int) -> int:
     return min(VALID_CAP, int(pool * (0.1 if pool < 10_000 else 0.05)))
 
 
-def carve_validation(pool: int, groups: Sequence[int] | None = None, seed: int = CARVE_SEED) -> dict[str, np.ndarray]:
+def carve_validation(
+    pool: int, groups: Sequence[int] | None = None, seed: int = CARVE_SEED
+) -> dict[str, np.ndarray]:
     """Fixed ``train``/``inner_valid``/``outer_valid`` indices of a training pool of ``pool`` rows.
 
     With ``groups`` (one id per row, e.g. a SQuAD article), whole groups go to one split, so no group
@@ -65,7 +67,11 @@ def carve_validation(pool: int, groups: Sequence[int] | None = None, seed: int =
     if groups is None:
         order = list(range(pool))
         rng.shuffle(order)
-        out = {"inner_valid": order[:target], "outer_valid": order[target : 2 * target], "train": order[2 * target :]}
+        out = {
+            "inner_valid": order[:target],
+            "outer_valid": order[target : 2 * target],
+            "train": order[2 * target :],
+        }
     else:
         members: dict[int, list[int]] = {}
         for row, group in enumerate(groups):
@@ -94,7 +100,11 @@ def _numpy_column(dataset: Dataset, column: str) -> np.ndarray:
     array: Any = dataset.data.column(column).combine_chunks()
     shape = dataset.features[column].shape if hasattr(dataset.features[column], "shape") else ()
     storage = array.storage if isinstance(array, pa.ExtensionArray) else array
-    while pa.types.is_list(storage.type) or pa.types.is_fixed_size_list(storage.type) or pa.types.is_large_list(storage.type):
+    while (
+        pa.types.is_list(storage.type)
+        or pa.types.is_fixed_size_list(storage.type)
+        or pa.types.is_large_list(storage.type)
+    ):
         storage = storage.flatten()
     return storage.to_numpy(zero_copy_only=False).reshape(len(dataset), *shape)
 
@@ -118,7 +128,9 @@ def _image_data(dataset: str, data_dir: str | None) -> ImageData:
     loaded = loader(dataset)(data_dir)
     pool_x = torch.from_numpy(_numpy_column(loaded["train"], "image").copy())
     pool_y = torch.from_numpy(_numpy_column(loaded["train"], "label").astype(np.int64))
-    splits = {name: {"x": pool_x[idx], "y": pool_y[idx]} for name, idx in carve_validation(len(pool_x)).items()}
+    splits = {
+        name: {"x": pool_x[idx], "y": pool_y[idx]} for name, idx in carve_validation(len(pool_x)).items()
+    }
     splits["test"] = {
         "x": torch.from_numpy(_numpy_column(loaded["test"], "image").copy()),
         "y": torch.from_numpy(_numpy_column(loaded["test"], "label").astype(np.int64)),
@@ -178,7 +190,9 @@ def _texts_digest(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, kind: str = "wordpiece", name: str = "corpus") -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Sequence[str], vocab_size: int, kind: str = "wordpiece", name: str = "corpus"
+) -> PreTrainedTokenizerFast:
     """A WordPiece (BERT-style, lower-cased) or byte-level BPE (GPT-2-style) tokenizer trained on ``texts``.
 
     Cached on disk by the texts' digest, so every task over the same training split reuses one file.
@@ -200,19 +214,25 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, kind: str = "wordpiec
             tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
             tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
             tokenizer.decoder = decoders.WordPiece()
-            trainer: Any = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_WORDPIECE))
+            trainer: Any = trainers.WordPieceTrainer(
+                vocab_size=vocab_size, special_tokens=list(SPECIAL_WORDPIECE)
+            )
         else:
             tokenizer = Tokenizer(models.BPE())
             tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
             tokenizer.decoder = decoders.ByteLevel()
             trainer = trainers.BpeTrainer(
-                vocab_size=vocab_size, special_tokens=list(SPECIAL_BPE), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+                vocab_size=vocab_size,
+                special_tokens=list(SPECIAL_BPE),
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             )
         tokenizer.train_from_iterator(texts, trainer, length=len(texts))
         if kind == "wordpiece":
             cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
             tokenizer.post_processor = processors.TemplateProcessing(
-                single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+                single="[CLS] $A [SEP]",
+                pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -220,9 +240,20 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, kind: str = "wordpiec
         tmp.replace(path)
     if kind == "wordpiece":
         return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+            tokenizer_object=tokenizer,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
         )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
 def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
@@ -241,7 +272,9 @@ def pretrained_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
 
 
 @functools.lru_cache(maxsize=8)
-def _dataset_tokenizer(dataset: str, data_dir: str | None, vocab_size: int, kind: str, model_path: str | None) -> PreTrainedTokenizerFast:
+def _dataset_tokenizer(
+    dataset: str, data_dir: str | None, vocab_size: int, kind: str, model_path: str | None
+) -> PreTrainedTokenizerFast:
     if model_path is not None:
         return pretrained_tokenizer(model_path)
     if dataset == "squad":
@@ -253,7 +286,11 @@ def _dataset_tokenizer(dataset: str, data_dir: str | None, vocab_size: int, kind
 
 
 def dataset_tokenizer(
-    dataset: str, data_dir: str | os.PathLike[str] | None, vocab_size: int, kind: str = "wordpiece", model_path: str | None = None
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    vocab_size: int,
+    kind: str = "wordpiece",
+    model_path: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """The pretrained model's tokenizer when ``model_path`` is given, else one trained on ``train`` only."""
     return _dataset_tokenizer(dataset, _dir_key(data_dir), vocab_size, kind, model_path)
@@ -261,26 +298,42 @@ def dataset_tokenizer(
 
 def encode(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
     """``input_ids``/``attention_mask``, truncated to ``max_length`` and padded to the split's longest."""
-    encoded = tokenizer(list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt")
-    return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].to(torch.int8)}
+    encoded = tokenizer(
+        list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt"
+    )
+    return {
+        "input_ids": encoded["input_ids"].long(),
+        "attention_mask": encoded["attention_mask"].to(torch.int8),
+    }
 
 
 @functools.lru_cache(maxsize=8)
-def _text_splits(dataset: str, data_dir: str | None, vocab_size: int, max_length: int, model_path: str | None) -> dict[str, dict[str, Tensor]]:
+def _text_splits(
+    dataset: str, data_dir: str | None, vocab_size: int, max_length: int, model_path: str | None
+) -> dict[str, dict[str, Tensor]]:
     data = _text_data(dataset, data_dir)
     tokenizer = _dataset_tokenizer(dataset, data_dir, vocab_size, "wordpiece", model_path)
-    return {name: {**encode(tokenizer, data.texts[name], max_length), "y": data.labels[name]} for name in data.texts}
+    return {
+        name: {**encode(tokenizer, data.texts[name], max_length), "y": data.labels[name]}
+        for name in data.texts
+    }
 
 
 def text_classification_splits(
-    dataset: str, data_dir: str | os.PathLike[str] | None, vocab_size: int, max_length: int, model_path: str | None = None
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    vocab_size: int,
+    max_length: int,
+    model_path: str | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Tokenised text-classification splits: ``input_ids``, ``attention_mask`` (int8), ``y``."""
     return _text_splits(dataset, _dir_key(data_dir), vocab_size, max_length, model_path)
 
 
 @functools.lru_cache(maxsize=4)
-def _lm_splits(dataset: str, data_dir: str | None, vocab_size: int, block: int) -> dict[str, dict[str, Tensor]]:
+def _lm_splits(
+    dataset: str, data_dir: str | None, vocab_size: int, block: int
+) -> dict[str, dict[str, Tensor]]:
     data = _text_data(dataset, data_dir)
     tokenizer = _dataset_tokenizer(dataset, data_dir, vocab_size, "bpe", None)
     eos = tokenizer.eos_token_id
@@ -292,12 +345,16 @@ def _lm_splits(dataset: str, data_dir: str | None, vocab_size: int, block: int) 
         stream = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
         usable = (len(stream) // block) * block
         if usable == 0:
-            raise DatasetError(f"{dataset}: split {name} has {len(stream)} tokens, fewer than one block of {block}")
+            raise DatasetError(
+                f"{dataset}: split {name} has {len(stream)} tokens, fewer than one block of {block}"
+            )
         out[name] = {"input_ids": torch.from_numpy(stream[:usable].reshape(-1, block).copy())}
     return out
 
 
-def language_model_splits(dataset: str, data_dir: str | os.PathLike[str] | None, vocab_size: int, block: int) -> dict[str, dict[str, Tensor]]:
+def language_model_splits(
+    dataset: str, data_dir: str | os.PathLike[str] | None, vocab_size: int, block: int
+) -> dict[str, dict[str, Tensor]]:
     """Blocks of ``block`` byte-level BPE tokens of a text dataset's reviews/sentences (labels unused)."""
     return _lm_splits(dataset, _dir_key(data_dir), vocab_size, block)
 
@@ -319,7 +376,10 @@ def _squad_rows(dataset: str, data_dir: str | None) -> SquadRows:
     loaded = loader(dataset)(data_dir)
     pool = loaded["train"]
     carved = carve_validation(len(pool), groups=pool["article"])
-    parts: dict[str, Any] = {**{name: pool.select(idx) for name, idx in carved.items()}, "test": loaded["test"]}
+    parts: dict[str, Any] = {
+        **{name: pool.select(idx) for name, idx in carved.items()},
+        "test": loaded["test"],
+    }
     return SquadRows(
         contexts={n: list(d["context"]) for n, d in parts.items()},
         questions={n: list(d["question"]) for n, d in parts.items()},
@@ -347,7 +407,9 @@ class QAData:
 
 
 @functools.lru_cache(maxsize=4)
-def _qa_data(dataset: str, data_dir: str | None, vocab_size: int, max_length: int, model_path: str | None) -> QAData:
+def _qa_data(
+    dataset: str, data_dir: str | None, vocab_size: int, max_length: int, model_path: str | None
+) -> QAData:
     rows = _squad_rows(dataset, data_dir)
     tokenizer = _dataset_tokenizer(dataset, data_dir, vocab_size, "wordpiece", model_path)
     contexts: list[str] = []
@@ -369,7 +431,9 @@ def _qa_data(dataset: str, data_dir: str | None, vocab_size: int, max_length: in
                 offsets[i, t] = encoded["offset_mapping"][i][t]
             answer_start = rows.answer_starts[name][i][0]
             answer_end = answer_start + len(rows.answers[name][i][0])
-            inside = [t for t in context_tokens if offsets[i, t, 0] < answer_end and offsets[i, t, 1] > answer_start]
+            inside = [
+                t for t in context_tokens if offsets[i, t, 0] < answer_end and offsets[i, t, 1] > answer_start
+            ]
             if inside:
                 start[i], end[i] = inside[0], inside[-1]
         first_id = len(contexts)
@@ -388,7 +452,13 @@ def _qa_data(dataset: str, data_dir: str | None, vocab_size: int, max_length: in
     return QAData(splits, contexts, answers)
 
 
-def qa_data(dataset: str, data_dir: str | os.PathLike[str] | None, vocab_size: int, max_length: int, model_path: str | None = None) -> QAData:
+def qa_data(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    vocab_size: int,
+    max_length: int,
+    model_path: str | None = None,
+) -> QAData:
     return _qa_data(dataset, _dir_key(data_dir), vocab_size, max_length, model_path)
 
 
@@ -437,7 +507,9 @@ def _adult_frame(frame: Any) -> Any:
     return out
 
 
-def encode_tabular(frames: dict[str, Any], numeric_missing_indicator: bool = True) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+def encode_tabular(
+    frames: dict[str, Any], numeric_missing_indicator: bool = True
+) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """One-hot categoricals (categories seen in ``train``), standardised numerics with median imputation
     and a missing indicator; every statistic comes from ``frames["train"]``."""
     train = frames["train"]
@@ -452,7 +524,9 @@ def encode_tabular(frames: dict[str, Any], numeric_missing_indicator: bool = Tru
         mean, std = float(filled.mean()), float(filled.std()) or 1.0
         names.append(column)
         for split, frame in frames.items():
-            parts[split].append(((frame[column].astype("float64").fillna(median) - mean) / std).to_numpy()[:, None])
+            parts[split].append(
+                ((frame[column].astype("float64").fillna(median) - mean) / std).to_numpy()[:, None]
+            )
         if numeric_missing_indicator and values.isna().any():
             names.append(f"{column}_missing")
             for split, frame in frames.items():
@@ -480,7 +554,10 @@ def _tabular_data(dataset: str, data_dir: str | None) -> TabularData:
     features, names = encode_tabular(frames)
     labels = {name: pool["label"].to_numpy()[idx] for name, idx in carved.items()}
     labels["test"] = test["label"].to_numpy()
-    splits = {name: {"x": torch.from_numpy(features[name]), "y": torch.from_numpy(labels[name].astype(np.int64))} for name in frames}
+    splits = {
+        name: {"x": torch.from_numpy(features[name]), "y": torch.from_numpy(labels[name].astype(np.int64))}
+        for name in frames
+    }
     return TabularData(splits, names)
 
 
@@ -507,6 +584,14 @@ def prefix(columns: dict[str, Tensor], count: int | None) -> dict[str, Tensor]:
 
 def clear_caches() -> None:
     """Drop every in-process cache (tests use it after rewriting fixture files)."""
-    for cached in (_image_data, _text_data, _dataset_tokenizer, _text_splits, _lm_splits, _squad_rows, _qa_data, _tabular_data):
+    for cached in (
+        _image_data,
+        _text_data,
+        _dataset_tokenizer,
+        _text_splits,
+        _lm_splits,
+        _squad_rows,
+        _qa_data,
+        _tabular_data,
+    ):
         cached.cache_clear()
-

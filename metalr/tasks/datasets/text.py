@@ -42,16 +42,29 @@ IMDB = LoaderSpec(
     hub_id="imdb",
 )
 # GLUE's file names (train.tsv, dev.tsv) are generic, so the data directory itself is not searched.
-SST2 = LoaderSpec("sst2", ("SST-2", "sst2", "sst-2"), (FileLayout(("train.tsv", "dev.tsv"), "GLUE SST-2"),), hub_id="glue", hub_config="sst2", search_root=False)
+SST2 = LoaderSpec(
+    "sst2",
+    ("SST-2", "sst2", "sst-2"),
+    (FileLayout(("train.tsv", "dev.tsv"), "GLUE SST-2"),),
+    hub_id="glue",
+    hub_config="sst2",
+    search_root=False,
+)
 AG_NEWS = LoaderSpec(
-    "ag_news", ("ag_news", "ag_news_csv", "agnews"), (FileLayout(("train.csv", "test.csv"), "Zhang et al. 2015 CSVs"),), hub_id="ag_news", search_root=False
+    "ag_news",
+    ("ag_news", "ag_news_csv", "agnews"),
+    (FileLayout(("train.csv", "test.csv"), "Zhang et al. 2015 CSVs"),),
+    hub_id="ag_news",
+    search_root=False,
 )
 
 _IMDB_MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
-def _text_dataset(texts: list[str], labels: list[int], classes: tuple[str, ...], extra: dict[str, list[Any]] | None = None) -> Dataset:
+def _text_dataset(
+    texts: list[str], labels: list[int], classes: tuple[str, ...], extra: dict[str, list[Any]] | None = None
+) -> Dataset:
     from datasets import ClassLabel, Dataset, Features, Value
 
     columns: dict[str, list[Any]] = {"text": texts, "label": labels, **(extra or {})}
@@ -87,7 +100,9 @@ def _imdb_split(rows: list[tuple[int, int, int, str]]) -> Dataset:
 
     rows = sorted(rows)
     random.Random(0).shuffle(rows)
-    return _text_dataset([r[3] for r in rows], [r[0] for r in rows], IMDB_CLASSES, {"rating": [r[2] for r in rows]})
+    return _text_dataset(
+        [r[3] for r in rows], [r[0] for r in rows], IMDB_CLASSES, {"rating": [r[2] for r in rows]}
+    )
 
 
 def _read_imdb(folder: Path, layout: FileLayout) -> DatasetDict:
@@ -101,7 +116,9 @@ def _read_imdb(folder: Path, layout: FileLayout) -> DatasetDict:
         labels = {r[0] for r in rows}
         if labels != {0, 1}:
             raise malformed(
-                "imdb", folder / layout.files[0], f"{split} has {len(rows)} reviews with labels {sorted(labels)}; expected aclImdb/{split}/{{pos,neg}}/<id>_<rating>.txt"
+                "imdb",
+                folder / layout.files[0],
+                f"{split} has {len(rows)} reviews with labels {sorted(labels)}; expected aclImdb/{split}/{{pos,neg}}/<id>_<rating>.txt",
             )
     return DatasetDict({split: _imdb_split(rows) for split, rows in splits.items()})
 
@@ -111,7 +128,10 @@ def _normalise_imdb_hub(loaded: DatasetDict) -> DatasetDict:
 
     out = {}
     for split in ("train", "test"):
-        rows = [(int(label), i, -1, _BREAK.sub(" ", text)) for i, (text, label) in enumerate(zip(loaded[split]["text"], loaded[split]["label"], strict=True))]
+        rows = [
+            (int(label), i, -1, _BREAK.sub(" ", text))
+            for i, (text, label) in enumerate(zip(loaded[split]["text"], loaded[split]["label"], strict=True))
+        ]
         out[split] = _imdb_split(rows)
     return DatasetDict(out)
 
@@ -122,13 +142,22 @@ def _read_csv(name: str, files: dict[str, Path], **csv_options: Any) -> DatasetD
 
     try:
         return datasets.load_dataset(
-            "csv", data_files={k: str(v) for k, v in files.items()}, cache_dir=str(cache_root() / "hf"), **csv_options
+            "csv",
+            data_files={k: str(v) for k, v in files.items()},
+            cache_dir=str(cache_root() / "hf"),
+            **csv_options,
         )
     except Exception as err:  # pandas/pyarrow parse errors surface as DatasetGenerationError and friends
-        raise malformed(name, next(iter(files.values())).parent, f"cannot parse {sorted(p.name for p in files.values())}: {type(err).__name__}: {err}") from None
+        raise malformed(
+            name,
+            next(iter(files.values())).parent,
+            f"cannot parse {sorted(p.name for p in files.values())}: {type(err).__name__}: {err}",
+        ) from None
 
 
-def _checked_labels(name: str, path: Path, labels: list[Any], classes: tuple[str, ...], offset: int = 0) -> list[int]:
+def _checked_labels(
+    name: str, path: Path, labels: list[Any], classes: tuple[str, ...], offset: int = 0
+) -> list[int]:
     try:
         values = [int(v) - offset for v in labels]
     except (TypeError, ValueError):
@@ -151,8 +180,10 @@ def _read_sst2(folder: Path, layout: FileLayout) -> DatasetDict:
     out = {}
     for split, path in files.items():
         rows = loaded[split]
-        if rows.column_names[:2] != ["sentence", "label"] and not {"sentence", "label"} <= set(rows.column_names):
-            raise malformed("sst2", path, f"columns {rows.column_names}, expected the GLUE header 'sentence<TAB>label'")
+        if not {"sentence", "label"} <= set(rows.column_names):
+            raise malformed(
+                "sst2", path, f"columns {rows.column_names}, expected the GLUE header 'sentence<TAB>label'"
+            )
         labels = _checked_labels("sst2", path, rows["label"], SST2_CLASSES)
         out[split] = _text_dataset([s.strip() for s in rows["sentence"]], labels, SST2_CLASSES)
     return DatasetDict(out)
@@ -162,7 +193,10 @@ def _normalise_sst2_hub(loaded: DatasetDict) -> DatasetDict:
     from datasets import DatasetDict
 
     return DatasetDict(
-        {ours: _text_dataset(loaded[theirs]["sentence"], loaded[theirs]["label"], SST2_CLASSES) for ours, theirs in (("train", "train"), ("test", "validation"))}
+        {
+            ours: _text_dataset(loaded[theirs]["sentence"], loaded[theirs]["label"], SST2_CLASSES)
+            for ours, theirs in (("train", "train"), ("test", "validation"))
+        }
     )
 
 
@@ -172,13 +206,19 @@ def _read_ag_news(folder: Path, layout: FileLayout) -> DatasetDict:
     files = {"train": folder / "train.csv", "test": folder / "test.csv"}
     for path in files.values():
         check_field_counts("ag_news", path, 3)
-    loaded = _read_csv("ag_news", files, header=None, column_names=["label", "title", "description"], keep_default_na=False)
+    loaded = _read_csv(
+        "ag_news", files, header=None, column_names=["label", "title", "description"], keep_default_na=False
+    )
     out = {}
     for split, path in files.items():
         rows = loaded[split]
-        labels = _checked_labels("ag_news", path, rows["label"], AG_NEWS_CLASSES, offset=1)  # classes are 1..4 on disk
+        labels = _checked_labels(
+            "ag_news", path, rows["label"], AG_NEWS_CLASSES, offset=1
+        )  # classes are 1..4 on disk
         # The original CSVs encode line breaks inside descriptions as a literal backslash.
-        texts = [f"{t} {d}".replace("\\", " ") for t, d in zip(rows["title"], rows["description"], strict=True)]
+        texts = [
+            f"{t} {d}".replace("\\", " ") for t, d in zip(rows["title"], rows["description"], strict=True)
+        ]
         out[split] = _text_dataset(texts, labels, AG_NEWS_CLASSES)
     return DatasetDict(out)
 
@@ -186,12 +226,19 @@ def _read_ag_news(folder: Path, layout: FileLayout) -> DatasetDict:
 def _normalise_ag_news_hub(loaded: DatasetDict) -> DatasetDict:
     from datasets import DatasetDict
 
-    return DatasetDict({s: _text_dataset(loaded[s]["text"], loaded[s]["label"], AG_NEWS_CLASSES) for s in ("train", "test")})
+    return DatasetDict(
+        {s: _text_dataset(loaded[s]["text"], loaded[s]["label"], AG_NEWS_CLASSES) for s in ("train", "test")}
+    )
 
 
 def load_imdb(data_dir: str | os.PathLike[str] | None = None) -> DatasetDict:
     """IMDB reviews (Maas et al. 2011): 25,000 train + 25,000 test, binary; ``<br />`` becomes a space."""
-    return load_with_fallback(IMDB, data_dir, lambda f, lay: cached_arrow("imdb", [f / lay.files[0]], lambda: _read_imdb(f, lay)), _normalise_imdb_hub)
+    return load_with_fallback(
+        IMDB,
+        data_dir,
+        lambda f, lay: cached_arrow("imdb", [f / lay.files[0]], lambda: _read_imdb(f, lay)),
+        _normalise_imdb_hub,
+    )
 
 
 def load_sst2(data_dir: str | os.PathLike[str] | None = None) -> DatasetDict:

@@ -30,20 +30,37 @@ if TYPE_CHECKING:
     from datasets import DatasetDict
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_GZ = FileLayout(tuple(f"{f}.gz" for pair in _IDX_FILES.values() for f in pair), "IDX, gzipped as distributed")
+_IDX_GZ = FileLayout(
+    tuple(f"{f}.gz" for pair in _IDX_FILES.values() for f in pair), "IDX, gzipped as distributed"
+)
 _IDX_RAW = FileLayout(tuple(f for pair in _IDX_FILES.values() for f in pair), "IDX, decompressed")
 
 MNIST = LoaderSpec("mnist", ("mnist", "MNIST"), (_IDX_GZ, _IDX_RAW), hub_id="mnist")
 # Fashion-MNIST reuses MNIST's file names, so only its own folders are searched, never the root.
 FASHION_MNIST = LoaderSpec(
-    "fashion_mnist", ("fashion_mnist", "fashion-mnist", "FashionMNIST"), (_IDX_GZ, _IDX_RAW), hub_id="fashion_mnist", search_root=False
+    "fashion_mnist",
+    ("fashion_mnist", "fashion-mnist", "FashionMNIST"),
+    (_IDX_GZ, _IDX_RAW),
+    hub_id="fashion_mnist",
+    search_root=False,
 )
 _CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 CIFAR10 = LoaderSpec(
@@ -70,23 +87,33 @@ def read_idx(name: str, path: Path, expected_dims: int) -> np.ndarray:
         raise malformed(name, path, f"{len(raw)} bytes, too short for an IDX header")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
-        raise malformed(name, path, f"IDX magic {raw[:4].hex()}, expected 000008{expected_dims:02x} (uint8, {expected_dims} dims)")
+        raise malformed(
+            name,
+            path,
+            f"IDX magic {raw[:4].hex()}, expected 000008{expected_dims:02x} (uint8, {expected_dims} dims)",
+        )
     header = 4 + 4 * ndim
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
-        raise malformed(name, path, f"{len(raw) - header} data bytes, header {dims} says {expected} (truncated?)")
+        raise malformed(
+            name, path, f"{len(raw) - header} data bytes, header {dims} says {expected} (truncated?)"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> Any:
     from datasets import Array3D, ClassLabel, Dataset, Features
 
-    features = Features({"image": Array3D(images.shape[1:], "uint8"), "label": ClassLabel(names=list(classes))})
+    features = Features(
+        {"image": Array3D(images.shape[1:], "uint8"), "label": ClassLabel(names=list(classes))}
+    )
     return Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
 
 
-def _read_idx_pair(spec: LoaderSpec, folder: Path, layout: FileLayout, classes: tuple[str, ...]) -> DatasetDict:
+def _read_idx_pair(
+    spec: LoaderSpec, folder: Path, layout: FileLayout, classes: tuple[str, ...]
+) -> DatasetDict:
     from datasets import DatasetDict
 
     suffix = ".gz" if layout is _IDX_GZ else ""
@@ -95,9 +122,15 @@ def _read_idx_pair(spec: LoaderSpec, folder: Path, layout: FileLayout, classes: 
         images = read_idx(spec.name, folder / f"{image_file}{suffix}", 3)
         labels = read_idx(spec.name, folder / f"{label_file}{suffix}", 1)
         if len(images) != len(labels):
-            raise malformed(spec.name, folder / f"{label_file}{suffix}", f"{len(labels)} labels for {len(images)} images")
+            raise malformed(
+                spec.name, folder / f"{label_file}{suffix}", f"{len(labels)} labels for {len(images)} images"
+            )
         if labels.size and labels.max() >= len(classes):
-            raise malformed(spec.name, folder / f"{label_file}{suffix}", f"label {labels.max()} outside 0..{len(classes) - 1}")
+            raise malformed(
+                spec.name,
+                folder / f"{label_file}{suffix}",
+                f"label {labels.max()} outside 0..{len(classes) - 1}",
+            )
         out[split] = _image_dataset(images[:, None], labels, classes)
     return DatasetDict(out)
 
@@ -141,9 +174,15 @@ def _read_cifar_batch(path: str | Path, payload: bytes) -> tuple[np.ndarray, np.
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except Exception as err:  # any corruption of the pickle is the same user error
-        raise malformed("cifar10", Path(path), f"not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
+        raise malformed(
+            "cifar10", Path(path), f"not a CIFAR-10 python batch ({type(err).__name__}: {err})"
+        ) from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise malformed("cifar10", Path(path), f"data shape {data.shape} with {len(labels)} labels, expected (N, 3072) and N labels")
+        raise malformed(
+            "cifar10",
+            Path(path),
+            f"data shape {data.shape} with {len(labels)} labels, expected (N, 3072) and N labels",
+        )
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -165,7 +204,11 @@ def _read_cifar(folder: Path, layout: FileLayout) -> DatasetDict:
             raise malformed("cifar10", archive, f"unreadable archive ({type(err).__name__}: {err})") from None
         missing = [b for b in _CIFAR_BATCHES if b not in payloads]
         if missing:
-            raise malformed("cifar10", archive, f"archive lacks {missing}; expected cifar-10-batches-py/{{{', '.join(_CIFAR_BATCHES)}}}")
+            raise malformed(
+                "cifar10",
+                archive,
+                f"archive lacks {missing}; expected cifar-10-batches-py/{{{', '.join(_CIFAR_BATCHES)}}}",
+            )
     else:
         batch_dir = folder / "cifar-10-batches-py" if layout.files == ("cifar-10-batches-py",) else folder
         missing = [b for b in _CIFAR_BATCHES if not (batch_dir / b).is_file()]
@@ -176,7 +219,9 @@ def _read_cifar(folder: Path, layout: FileLayout) -> DatasetDict:
     test = _read_cifar_batch(*payloads["test_batch"])
     return DatasetDict(
         {
-            "train": _image_dataset(np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]), CIFAR10_CLASSES),
+            "train": _image_dataset(
+                np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]), CIFAR10_CLASSES
+            ),
             "test": _image_dataset(test[0], test[1], CIFAR10_CLASSES),
         }
     )
@@ -193,7 +238,10 @@ def _local(spec: LoaderSpec, read: Any) -> Any:
 def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> DatasetDict:
     """MNIST: 60,000 train + 10,000 test digits, 1x28x28."""
     return load_with_fallback(
-        MNIST, data_dir, _local(MNIST, lambda f, lay: _read_idx_pair(MNIST, f, lay, MNIST_CLASSES)), _normalise_hub_images("image", MNIST_CLASSES)
+        MNIST,
+        data_dir,
+        _local(MNIST, lambda f, lay: _read_idx_pair(MNIST, f, lay, MNIST_CLASSES)),
+        _normalise_hub_images("image", MNIST_CLASSES),
     )
 
 
@@ -209,4 +257,6 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Datase
 
 def load_cifar10(data_dir: str | os.PathLike[str] | None = None) -> DatasetDict:
     """CIFAR-10: 50,000 train + 10,000 test colour images, 3x32x32."""
-    return load_with_fallback(CIFAR10, data_dir, _local(CIFAR10, _read_cifar), _normalise_hub_images("img", CIFAR10_CLASSES))
+    return load_with_fallback(
+        CIFAR10, data_dir, _local(CIFAR10, _read_cifar), _normalise_hub_images("img", CIFAR10_CLASSES)
+    )

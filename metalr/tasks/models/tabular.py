@@ -8,7 +8,13 @@ from metalr.tasks.models import mlp
 
 
 def tabular_mlp(
-    in_dim: int, num_classes: int, width: int = 64, depth: int = 2, dropout: float = 0.1, batch_norm: bool = True, activation: str = "relu"
+    in_dim: int,
+    num_classes: int,
+    width: int = 64,
+    depth: int = 2,
+    dropout: float = 0.1,
+    batch_norm: bool = True,
+    activation: str = "relu",
 ) -> nn.Sequential:
     """``depth`` blocks of Linear -> BatchNorm -> activation -> Dropout, then a linear head."""
     if not 0.0 <= dropout < 1.0:

@@ -32,12 +32,16 @@ def resolve_model_path(model_path: str | Path) -> Path:
         package, sub = PACKAGED_MODELS[key]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"model_path {key!r} needs the package {package.replace('_', '-')} (pip install 'metalr[data]')")
+            raise ValueError(
+                f"model_path {key!r} needs the package {package.replace('_', '-')} (pip install 'metalr[data]')"
+            )
         path = Path(next(iter(spec.submodule_search_locations))) / sub
     else:
         path = Path(key).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(f"model_path {key!r} -> {path} is not a transformers checkpoint folder (no config.json); expected a folder saved by save_pretrained or one of {sorted(PACKAGED_MODELS)}")
+        raise ValueError(
+            f"model_path {key!r} -> {path} is not a transformers checkpoint folder (no config.json); expected a folder saved by save_pretrained or one of {sorted(PACKAGED_MODELS)}"
+        )
     return path
 
 
@@ -86,20 +90,31 @@ class RecurrentClassifier(nn.Module):
             raise ValueError(f"sizes must be positive, got {vocab_size=}, {embed_dim=}, {hidden=}, {layers=}")
         self.pooling = pooling
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embed_dim,
+            hidden,
+            num_layers=layers,
+            batch_first=True,
+            bidirectional=bidirectional,
+            dropout=dropout if layers > 1 else 0.0,
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden * (2 if bidirectional else 1), num_classes)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         mask, input_ids = trim_to_longest(attention_mask, input_ids)
         lengths = mask.sum(1).clamp_min(1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(input_ids), lengths, batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embedding(input_ids), lengths, batch_first=True, enforce_sorted=False
+        )
         outputs, (hidden, _) = self.lstm(packed)
         if self.pooling == "last":
             directions = 2 if self.lstm.bidirectional else 1
             pooled = torch.cat(list(hidden[-directions:]), dim=-1)
         else:
-            padded, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True, total_length=input_ids.shape[1])
+            padded, _ = nn.utils.rnn.pad_packed_sequence(
+                outputs, batch_first=True, total_length=input_ids.shape[1]
+            )
             valid = mask[:, :, None].bool()
             if self.pooling == "max":
                 pooled = padded.masked_fill(~valid, torch.finfo(padded.dtype).min).amax(1)
@@ -184,16 +199,26 @@ def encoder_config(
     if kind == "bert":
         return BertConfig(max_position_embeddings=max_length, type_vocab_size=2, **common)
     # RoBERTa numbers positions from pad_id + 1, so its table needs pad_id + 1 extra rows.
-    return RobertaConfig(max_position_embeddings=max_length + pad_id + 2, type_vocab_size=1, bos_token_id=cls_id, eos_token_id=sep_id, **common)
+    return RobertaConfig(
+        max_position_embeddings=max_length + pad_id + 2,
+        type_vocab_size=1,
+        bos_token_id=cls_id,
+        eos_token_id=sep_id,
+        **common,
+    )
 
 
-def _from_config_or_path(auto_class: str, config: Any | None, model_path: str | Path | None, **head: Any) -> nn.Module:
+def _from_config_or_path(
+    auto_class: str, config: Any | None, model_path: str | Path | None, **head: Any
+) -> nn.Module:
     import transformers
 
     factory = getattr(transformers, auto_class)
     with _quiet_transformers():
         if model_path is not None:
-            return factory.from_pretrained(str(resolve_model_path(model_path)), attn_implementation="eager", **head)
+            return factory.from_pretrained(
+                str(resolve_model_path(model_path)), attn_implementation="eager", **head
+            )
         if config is None:
             raise ValueError(f"{auto_class}: give a config or a model_path")
         for key, value in head.items():
@@ -202,21 +227,39 @@ def _from_config_or_path(auto_class: str, config: Any | None, model_path: str | 
         return factory.from_config(config)
 
 
-def encoder_classifier(num_classes: int, config: Any | None = None, model_path: str | Path | None = None) -> SequenceClassifier:
+def encoder_classifier(
+    num_classes: int, config: Any | None = None, model_path: str | Path | None = None
+) -> SequenceClassifier:
     """BERT/RoBERTa sequence classifier from ``config`` (see :func:`encoder_config`) or ``model_path``."""
     if (config is None) == (model_path is None):
-        raise ValueError("give exactly one of config (train from scratch) or model_path (pretrained checkpoint)")
-    return SequenceClassifier(_from_config_or_path("AutoModelForSequenceClassification", config, model_path, num_labels=num_classes))
+        raise ValueError(
+            "give exactly one of config (train from scratch) or model_path (pretrained checkpoint)"
+        )
+    return SequenceClassifier(
+        _from_config_or_path("AutoModelForSequenceClassification", config, model_path, num_labels=num_classes)
+    )
 
 
-def encoder_question_answerer(config: Any | None = None, model_path: str | Path | None = None) -> QuestionAnswerer:
+def encoder_question_answerer(
+    config: Any | None = None, model_path: str | Path | None = None
+) -> QuestionAnswerer:
     """BERT/RoBERTa extractive-QA model (a linear start/end head over the encoder's token states)."""
     if (config is None) == (model_path is None):
-        raise ValueError("give exactly one of config (train from scratch) or model_path (pretrained checkpoint)")
+        raise ValueError(
+            "give exactly one of config (train from scratch) or model_path (pretrained checkpoint)"
+        )
     return QuestionAnswerer(_from_config_or_path("AutoModelForQuestionAnswering", config, model_path))
 
 
-def gpt2_lm(vocab_size: int, block: int = 128, width: int = 128, layers: int = 2, heads: int = 2, dropout: float = 0.1, eos_id: int = 1) -> CausalLM:
+def gpt2_lm(
+    vocab_size: int,
+    block: int = 128,
+    width: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    dropout: float = 0.1,
+    eos_id: int = 1,
+) -> CausalLM:
     """A GPT-2-style decoder (learned positions, pre-norm blocks, tied input/output embeddings)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 

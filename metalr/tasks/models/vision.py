@@ -33,7 +33,9 @@ class ImageInput(nn.Module):
 
 def _check_image(in_channels: int, image_size: int, num_classes: int) -> None:
     if in_channels <= 0 or image_size < 8 or num_classes < 2:
-        raise ValueError(f"need in_channels >= 1, image_size >= 8, num_classes >= 2; got {in_channels=}, {image_size=}, {num_classes=}")
+        raise ValueError(
+            f"need in_channels >= 1, image_size >= 8, num_classes >= 2; got {in_channels=}, {image_size=}, {num_classes=}"
+        )
 
 
 def cnn2(
@@ -117,7 +119,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -142,7 +146,9 @@ class CifarResNet(nn.Module):
         if width <= 0 or not blocks or min(blocks) <= 0:
             raise ValueError(f"width and every stage's block count must be positive, got {width=}, {blocks=}")
         self.input = ImageInput(mean or [0.5] * in_channels, std or [0.5] * in_channels)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         stages: list[nn.Module] = []
         planes = width
         for stage, count in enumerate(blocks):
@@ -158,7 +164,9 @@ class CifarResNet(nn.Module):
         return self.head(features.mean(dim=(2, 3)))
 
 
-def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: int = 64, **kwargs: object) -> CifarResNet:
+def resnet18_cifar(
+    num_classes: int = 10, in_channels: int = 3, width: int = 64, **kwargs: object
+) -> CifarResNet:
     return CifarResNet(num_classes, in_channels, width, (2, 2, 2, 2), **kwargs)  # type: ignore[arg-type]
 
 
@@ -176,6 +184,8 @@ def torchvision_classifier(
     try:
         import torchvision.models as tv_models
     except ImportError as err:
-        raise ImportError(f"model {name!r} needs torchvision, which is not importable ({err}); install it with: pip install 'metalr[vision]'") from None
+        raise ImportError(
+            f"model {name!r} needs torchvision, which is not importable ({err}); install it with: pip install 'metalr[vision]'"
+        ) from None
     net = getattr(tv_models, name)(weights=None, num_classes=num_classes)
     return nn.Sequential(ImageInput(mean or [0.5] * 3, std or [0.5] * 3), net)
