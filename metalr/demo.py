@@ -28,12 +28,16 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, workers: int
     config = load_config(MetaTrainConfig, recipe)
     eval_config = load_eval_config(suite)
     controller_dir = out / "controller"
-    controller_path = controller_dir / "final.safetensors"
-    if not controller_path.exists():
+    if not (controller_dir / "final.safetensors").exists():
         print(f"[1/2] meta-training a controller ({recipe.relative_to(ROOT)}) -> {controller_dir}")
         meta_train(config, controller_dir, progress=progress)
     else:
-        print(f"[1/2] using the controller already in {controller_path}")
+        print(f"[1/2] using the controller already in {controller_dir}")
+    # Select on the suite's held-out meta-valid families, never on the evaluation tasks (DESIGN.md: meta-
+    # validation on the training families did not predict held-out results). The quick recipe has no
+    # validation checkpoints and uses its final controller.
+    best = controller_dir / "best.safetensors"
+    controller_path = best if best.exists() else controller_dir / "final.safetensors"
     print(f"[2/2] evaluating on held-out embedded tasks ({suite.relative_to(ROOT)}) -> {out / 'evaluation'}")
     summary = evaluate_suite(
         eval_config,
