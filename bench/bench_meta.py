@@ -140,7 +140,9 @@ def graph_bytes(spec: TaskSpec, length: int, backend: str) -> int:
 
 def _fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mean_x) ** 2 for x in xs
+    )
     return slope, mean_y - slope * mean_x
 
 
@@ -183,8 +185,15 @@ def _scale_config(steps: int) -> dict[str, Any]:
         "name": "bench",
         "seed": 0,
         "train_overrides": {"steps": [200, 400]},
-        "meta": {"estimator": "tbptt", "meta_steps": steps, "meta_batch": 4, "unroll_length": 10,
-                 "checkpoint_every": 0, "log_every": 1, "state_every": 0},
+        "meta": {
+            "estimator": "tbptt",
+            "meta_steps": steps,
+            "meta_batch": 4,
+            "unroll_length": 10,
+            "checkpoint_every": 0,
+            "log_every": 1,
+            "state_every": 0,
+        },
     }
 
 
@@ -220,7 +229,10 @@ def scale_out(steps: int, repeats: int) -> list[tuple[float, float, float]]:
             meta_train(build_config(MetaTrainConfig, config), Path(tmp) / "one", progress=False)
             one = _throughput(Path(tmp) / "one", skip=2)
             torch.multiprocessing.spawn(
-                _scale_worker, args=(2, str(Path(tmp) / "init"), str(Path(tmp) / "two"), config), nprocs=2, join=True
+                _scale_worker,
+                args=(2, str(Path(tmp) / "init"), str(Path(tmp) / "two"), config),
+                nprocs=2,
+                join=True,
             )
             results.append((load, one, _throughput(Path(tmp) / "two", skip=2)))
     return results
@@ -335,4 +347,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -32,22 +32,19 @@ def _fresh_dir(path: Path, resume: bool) -> Path:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    from metalr.config import MetaTrainConfig, load_config
-    from metalr.meta.trainer import meta_train
+    from metalr.config import MetaTrainConfig, load_config, load_suite
+    from metalr.meta.trainer import MetaTrainingError, meta_train
 
     config = load_config(MetaTrainConfig, args.recipe, args.overrides)
-    from metalr.config import load_suite
-
     load_suite(config.suite)  # validate before creating anything on disk
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
-    from metalr.meta.trainer import MetaTrainingError
-
     try:
         meta_train(config, out, progress=not args.no_progress, resume=args.resume)
     except MetaTrainingError as err:  # the run's settings cannot work: one line, exit code 2
         raise UserError(str(err)) from None
-    print(f"controller written to {out / 'final.safetensors'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every worker gets here; say it once
+        print(f"controller written to {out / 'final.safetensors'}")
     return 0
 
 

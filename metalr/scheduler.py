@@ -159,10 +159,8 @@ class LearnedLR(LRScheduler):
         # Stand-ins for parameters that received no gradient this step (frozen layers, unused branches):
         # the unroll always sees a gradient for every parameter, and zero is what autograd would give.
         self._zero_grads: dict[int, Tensor] = {}
-        self._last_loss = torch.ones(
-            (), dtype=self._dtype, device=self._device
-        )  # "flat" until a loss is seen
-        self._seen_loss = False
+        # Until a loss is seen, a constant stands in: the loss features read "flat", not "diverged".
+        self._last_loss = torch.ones((), dtype=self._dtype, device=self._device)
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._pending_valid = _NAN
@@ -229,7 +227,7 @@ class LearnedLR(LRScheduler):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        self._last_lr = lrs
+        self._last_lr = lrs  # type: ignore[assignment]  # torch annotates it list[float | Tensor]
 
     # -- observing -----------------------------------------------------------------------------------------
 
@@ -435,7 +433,7 @@ class LearnedLR(LRScheduler):
         )
         self.last_epoch = int(state_dict["last_epoch"])
         self.total_steps = int(state_dict["total_steps"])
-        self.base_lrs = list(state_dict["base_lrs"])
+        self.base_lrs = [float(b) for b in state_dict["base_lrs"]]  # type: ignore[assignment]
         self._last_lr = list(state_dict["_last_lr"])
         self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
         self._last_loss = torch.tensor(float(state_dict["last_loss"]), dtype=self._dtype, device=self._device)

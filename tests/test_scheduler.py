@@ -261,3 +261,16 @@ def test_only_empty_param_groups_and_a_loss_of_every_kind() -> None:
         optimizer.step()  # no gradient at all: the scheduler stands in zeros
         sched.step(loss)
         assert all(math.isfinite(lr) and lr > 0 for lr in sched.get_last_lr())
+
+
+def test_tensor_lr_is_updated_in_place() -> None:
+    """A tensor LR (what a compiled ``optimizer.step`` wants, so a new LR does not recompile) stays the same
+    tensor; LearnedLR fills it."""
+    model = tiny_model()
+    lr = torch.tensor(0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = LearnedLR(optimizer, active_controller(), total_steps=5)
+    lrs = train(model, optimizer, sched, batches(5))
+    assert optimizer.param_groups[0]["lr"] is lr
+    assert float(lr) == pytest.approx(lrs[-1][0])
+    assert len({row[0] for row in lrs}) > 1

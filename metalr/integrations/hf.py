@@ -119,8 +119,11 @@ class LearnedLRCallback(TrainerCallback):
         @functools.wraps(create_scheduler)
         def create_learned_scheduler(num_training_steps: int, optimizer: Any = None) -> Any:
             if trainer.lr_scheduler is None:
-                trainer.lr_scheduler = LearnedLR(
-                    optimizer if optimizer is not None else trainer.optimizer,
+                # Trainer's optimizer (accelerate's AcceleratedOptimizer is a torch Optimizer that proxies
+                # param_groups, so LearnedLR writes the LR the wrapped optimizer uses).
+                target: Any = optimizer if optimizer is not None else trainer.optimizer
+                trainer.lr_scheduler = LearnedLR(  # type: ignore[assignment]
+                    target,
                     self.controller,  # type: ignore[arg-type]
                     total_steps=int(num_training_steps),
                     **self.scheduler_kwargs,

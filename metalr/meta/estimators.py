@@ -109,7 +109,10 @@ class TruncatedBackprop:
         if math.isfinite(meta_loss) and result.meta_loss.requires_grad:
             grads = _grads_or_zeros(result.meta_loss, list(controller.parameters()))
         else:  # non-finite: the trainer skips it; no backward through a diverged graph
-            grads = tuple(torch.full_like(p, math.nan if not math.isfinite(meta_loss) else 0.0) for p in controller.parameters())
+            grads = tuple(
+                torch.full_like(p, math.nan if not math.isfinite(meta_loss) else 0.0)
+                for p in controller.parameters()
+            )
         return Estimate(grads, meta_loss, result.run.detached(), result.lrs, result.alarms, len(result.lrs))
 
     def __call__(self, controller: LRController, run: InnerRun, length: int, seed: int = 0) -> Estimate:
@@ -165,7 +168,9 @@ def _noise(params: Sequence[Tensor], sigma: float, generator: torch.Generator) -
     # Drawn on the CPU in float64 from a per-(seed, slot, meta-step) generator: the same noise on any
     # device and for any number of workers (determinism, 1-vs-2-worker agreement).
     return tuple(
-        (sigma * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(device=p.device, dtype=p.dtype)
+        (sigma * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(
+            device=p.device, dtype=p.dtype
+        )
         for p in params
     )
 
@@ -184,10 +189,13 @@ class _ESBase:
         with torch.no_grad():
             return functional_call(unroller, dict(zip(names, values, strict=True)), (run, length))
 
-    def _assemble(self, controller: LRController, names: list[str], flat: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    def _assemble(
+        self, controller: LRController, names: list[str], flat: Sequence[Tensor]
+    ) -> tuple[Tensor, ...]:
         by_name = dict(zip(names, flat, strict=True))
         return tuple(
-            by_name.get(f"controller.{n}", torch.zeros_like(p)).detach() for n, p in controller.named_parameters()
+            by_name.get(f"controller.{n}", torch.zeros_like(p)).detach()
+            for n, p in controller.named_parameters()
         )
 
 
@@ -280,7 +288,10 @@ class PersistentES(_ESBase):
             pair_losses = []
             for sign, index in ((1.0, 2 * j), (-1.0, 2 * j + 1)):
                 particle = replace(
-                    run, params=state.params[index], opt_state=state.opt_state[index], policy=state.policy[index]
+                    run,
+                    params=state.params[index],
+                    opt_state=state.opt_state[index],
+                    policy=state.policy[index],
                 )
                 values = torch._foreach_add(theta, eps, alpha=sign)
                 result = self._evaluate(unroller, names, values, particle, length)

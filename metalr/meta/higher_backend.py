@@ -46,7 +46,9 @@ def _import_higher() -> Any:
     return higher
 
 
-def _load_state(opt: torch.optim.Optimizer, name: str, params: list[torch.nn.Parameter], opt_state: tuple[Tensor, ...]) -> None:
+def _load_state(
+    opt: torch.optim.Optimizer, name: str, params: list[torch.nn.Parameter], opt_state: tuple[Tensor, ...]
+) -> None:
     """Write the native optimizer state into a ``torch.optim`` optimizer (which ``higher`` copies from)."""
     n = len(params)
     count = int(opt_state[0]) if opt_state else 0
@@ -58,7 +60,9 @@ def _load_state(opt: torch.optim.Optimizer, name: str, params: list[torch.nn.Par
             opt.state[p] = {"step": count, "exp_avg": m, "exp_avg_sq": v}
 
 
-def _read_state(diffopt: Any, name: str, opt_state: tuple[Tensor, ...], n: int, steps: int) -> tuple[Tensor, ...]:
+def _read_state(
+    diffopt: Any, name: str, opt_state: tuple[Tensor, ...], n: int, steps: int
+) -> tuple[Tensor, ...]:
     """``higher``'s per-parameter state back in the native layout (see ``metalr.meta.inner``)."""
     if name == "sgd" or steps == 0:
         return opt_state
@@ -95,7 +99,9 @@ def higher_unroll(
     fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=differentiable)
     params = [p if p.requires_grad else p.requires_grad_(True) for p in run.params]
     fmodel.update_params(params)
-    diffopt = higher.optim.get_diff_optim(optimizer, reference, fmodel=fmodel, track_higher_grads=differentiable)
+    diffopt = higher.optim.get_diff_optim(
+        optimizer, reference, fmodel=fmodel, track_higher_grads=differentiable
+    )
 
     terms: list[Tensor] = []
     lrs: list[float] = []
@@ -130,7 +136,11 @@ def higher_unroll(
                 override["eps"] = [hyper.eps * bias_correction2**0.5]
             new_params = tuple(diffopt.step(loss, override=override, grad_callback=keep))
             valid_loss, entropy, budget = extra_observations(
-                controller, replace(run, policy=policy), current, outputs[-1] if outputs else None, valid_every
+                controller,
+                replace(run, policy=policy),
+                current,
+                outputs[-1] if outputs else None,
+                valid_every,
             )
             obs = Observation(
                 loss=loss,

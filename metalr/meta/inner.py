@@ -40,7 +40,9 @@ def _sgd(h: InnerHyper) -> InnerOptimizer:
 def _momentum(h: InnerHyper) -> InnerOptimizer:
     # torch.optim.SGD: buf = momentum * buf + g (buf = g at the first step); p -= lr * buf
     def init(params: Tensors) -> Tensors:
-        return (torch.zeros((), dtype=params[0].dtype, device=params[0].device),) + tuple(torch.zeros_like(p) for p in params)
+        return (torch.zeros((), dtype=params[0].dtype, device=params[0].device),) + tuple(
+            torch.zeros_like(p) for p in params
+        )
 
     def update(grads: Tensors, state: Tensors, params: Tensors, lr: Tensor) -> tuple[Tensors, Tensors]:
         count, bufs = state[0], state[1:]

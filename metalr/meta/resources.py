@@ -41,7 +41,9 @@ def state_bytes(run: InnerRun) -> int:
     return _bytes(carried)
 
 
-def step_graph_bytes(controller: LRController, run: InnerRun, differentiable: bool, valid_every: int = 10) -> int:
+def step_graph_bytes(
+    controller: LRController, run: InnerRun, differentiable: bool, valid_every: int = 10
+) -> int:
     """Bytes autograd saves during one inner step (plus one meta-objective measurement) of ``run``."""
     storages: dict[int, int] = {}
 

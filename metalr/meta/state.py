@@ -88,7 +88,9 @@ def _get_policy(table: TensorTable, prefix: str, counts: dict[str, int], device:
         key = f"{prefix}.features.{name}"
         values.append(table.get_many(key, counts[name], device) if name in counts else table.get(key, device))
     return PolicyState(
-        FeatureState(*values), table.get(f"{prefix}.log_factor", device), table.get(f"{prefix}.hidden", device)
+        FeatureState(*values),
+        table.get(f"{prefix}.log_factor", device),
+        table.get(f"{prefix}.hidden", device),
     )
 
 
@@ -124,7 +126,9 @@ def put_run(table: TensorTable, prefix: str, run: InnerRun) -> dict[str, Any]:
     return record
 
 
-def get_run(table: TensorTable, prefix: str, record: dict[str, Any], controller: LRController, device: str) -> InnerRun:
+def get_run(
+    table: TensorTable, prefix: str, record: dict[str, Any], controller: LRController, device: str
+) -> InnerRun:
     """Rebuild an :class:`InnerRun` stored by :func:`put_run` (the task is rebuilt from its spec)."""
     spec = TaskSpec.from_dict(record["spec"])
     task = build_task(spec, device)
@@ -142,12 +146,21 @@ def get_run(table: TensorTable, prefix: str, record: dict[str, Any], controller:
         pes = record["pes"]
         particles = pes["particles"]
         estimator_state["pes"] = PESState(
-            params=tuple(table.get_many(f"{prefix}.pes.{i}.params", p["params"], device) for i, p in enumerate(particles)),
-            opt_state=tuple(
-                table.get_many(f"{prefix}.pes.{i}.opt_state", p["opt_state"], device) for i, p in enumerate(particles)
+            params=tuple(
+                table.get_many(f"{prefix}.pes.{i}.params", p["params"], device)
+                for i, p in enumerate(particles)
             ),
-            policy=tuple(_get_policy(table, f"{prefix}.pes.{i}.policy", p["policy"], device) for i, p in enumerate(particles)),
-            accumulated=tuple(table.get_many(f"{prefix}.pes.xi.{j}", n, device) for j, n in enumerate(pes["accumulated"])),
+            opt_state=tuple(
+                table.get_many(f"{prefix}.pes.{i}.opt_state", p["opt_state"], device)
+                for i, p in enumerate(particles)
+            ),
+            policy=tuple(
+                _get_policy(table, f"{prefix}.pes.{i}.policy", p["policy"], device)
+                for i, p in enumerate(particles)
+            ),
+            accumulated=tuple(
+                table.get_many(f"{prefix}.pes.xi.{j}", n, device) for j, n in enumerate(pes["accumulated"])
+            ),
         )
     return InnerRun(
         task=task,
@@ -175,15 +188,20 @@ def put_optimizer(table: TensorTable, prefix: str, optimizer: torch.optim.Optimi
         entries[str(index)] = []
         for key, value in values.items():
             if not isinstance(value, Tensor):
-                raise ResumeError(f"meta-optimizer state {key!r} is not a tensor; cannot store it without pickle")
+                raise ResumeError(
+                    f"meta-optimizer state {key!r} is not a tensor; cannot store it without pickle"
+                )
             table.put(f"{prefix}.{index}.{key}", value)
             entries[str(index)].append(key)
     return {"state": entries, "param_groups": state_dict["param_groups"]}
 
 
-def get_optimizer(table: TensorTable, prefix: str, record: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+def get_optimizer(
+    table: TensorTable, prefix: str, record: dict[str, Any], optimizer: torch.optim.Optimizer
+) -> None:
     state = {
-        int(index): {key: table.get(f"{prefix}.{index}.{key}") for key in keys} for index, keys in record["state"].items()
+        int(index): {key: table.get(f"{prefix}.{index}.{key}") for key in keys}
+        for index, keys in record["state"].items()
     }
     optimizer.load_state_dict({"state": state, "param_groups": record["param_groups"]})
 
@@ -195,7 +213,9 @@ def state_path(directory: Path, rank: int, step: int) -> Path:
     return directory / f"state-rank{rank}-step{step:08d}.safetensors"
 
 
-def write_state(directory: Path, rank: int, step: int, table: TensorTable, record: dict[str, Any], keep: int = 2) -> Path:
+def write_state(
+    directory: Path, rank: int, step: int, table: TensorTable, record: dict[str, Any], keep: int = 2
+) -> Path:
     """Atomically write one worker's state for ``step``; keep the ``keep`` newest of this worker."""
     directory.mkdir(parents=True, exist_ok=True)
     path = state_path(directory, rank, step)
@@ -231,5 +251,7 @@ def read_state(path: Path) -> tuple[TensorTable, dict[str, Any]]:
         raise ResumeError(f"{path}: not a metalr resume state (no {METADATA_KEY!r} metadata)")
     record = json.loads(metadata[METADATA_KEY])
     if record.get("format") != STATE_FORMAT:
-        raise ResumeError(f"{path}: resume-state format {record.get('format')!r}; this version reads {STATE_FORMAT}")
+        raise ResumeError(
+            f"{path}: resume-state format {record.get('format')!r}; this version reads {STATE_FORMAT}"
+        )
     return TensorTable(tensors), record

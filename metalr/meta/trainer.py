@@ -118,7 +118,9 @@ def rollout_score(controller: LRController, spec: TaskSpec, device: str = "cpu",
     return rollout(controller, spec, device, every)[0]
 
 
-def rollout(controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10) -> tuple[float, list[float]]:
+def rollout(
+    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10
+) -> tuple[float, list[float]]:
     """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10."""
     run = start_run(build_task(spec, device), controller)
     result = unroll(controller, run, spec.steps, differentiable=False, objective_every=every)
@@ -149,7 +151,9 @@ def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device
 
     An untrained controller with the guardrail off is exactly a constant schedule at its base LR.
     """
-    constant = build_controller(replace(controller_config, base_schedule="constant", guard_cut=1.0)).to(device)
+    constant = build_controller(replace(controller_config, base_schedule="constant", guard_cut=1.0)).to(
+        device
+    )
     scored = []
     for k in range(-4, 5):
         lr = min(controller_config.max_lr, max(controller_config.min_lr, spec.base_lr * 2.0**k))
@@ -231,7 +235,9 @@ class _Logger:
         import json
 
         kept = [r for r in read_jsonl(self.path) if int(r.get("meta_step", 0)) <= meta_step]
-        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True, allow_nan=True) + "\n" for r in kept))
+        atomic_write_text(
+            self.path, "".join(json.dumps(r, sort_keys=True, allow_nan=True) + "\n" for r in kept)
+        )
 
     def close(self) -> None:
         if self.writer is not None:
@@ -268,7 +274,9 @@ def _check_resumed_config(config: MetaTrainConfig, run_dir: Path) -> None:
 class MetaTrainer:
     """One meta-training run (built by :func:`meta_train`; kept as a class so tests and tools can step it)."""
 
-    def __init__(self, config: MetaTrainConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> None:
+    def __init__(
+        self, config: MetaTrainConfig, run_dir: Path, progress: bool = True, resume: bool = False
+    ) -> None:
         self.config = config
         self.meta = config.meta
         self.run_dir = run_dir
@@ -296,13 +304,19 @@ class MetaTrainer:
             config.seed,
         )
         self.sampler = TaskSampler(train_entries(config, self.suite.meta_train), config.seed)
-        self.valid_specs = sample_specs(self.suite.meta_valid, 2, config.seed + 1) if self.suite.meta_valid else []
+        self.valid_specs = (
+            sample_specs(self.suite.meta_valid, 2, config.seed + 1) if self.suite.meta_valid else []
+        )
         self.probe_specs: list[TaskSpec] = []
         if self.meta.probe_every and self.meta.probe_tasks:
             entries = self.suite.meta_valid or self.sampler.entries
             self.probe_specs = sample_specs(entries, 1, config.seed + 2)[: self.meta.probe_tasks]
         self.probe_best_lrs: list[float] = []
-        self.provenance: dict[str, Any] = {"recipe": config.name, "suite": self.suite.name, "seed": config.seed}
+        self.provenance: dict[str, Any] = {
+            "recipe": config.name,
+            "suite": self.suite.name,
+            "seed": config.seed,
+        }
         self.state = LoopState()
         self.logger = _Logger(run_dir, self.context, self.meta.tensorboard)
         self.runs: list[InnerRun | None] = [None] * self.meta.meta_batch
@@ -326,7 +340,9 @@ class MetaTrainer:
                 except MemoryBudgetError as err:
                     self.state.refused += 1
                     self.state.consecutive_refused += 1
-                    self.logger.record({"meta_step": self.state.meta_step, "event": "refused_task", "reason": str(err)})
+                    self.logger.record(
+                        {"meta_step": self.state.meta_step, "event": "refused_task", "reason": str(err)}
+                    )
                     if self.state.consecutive_refused >= self.meta.max_refused:
                         raise MetaTrainingError(
                             f"{self.state.consecutive_refused} sampled tasks in a row exceed the memory budget "
@@ -339,8 +355,12 @@ class MetaTrainer:
             task = build_task(spec, self.device)
             run = start_run(task, self.controller, self.meta.valid_batch_size)
             if skip:
-                result = unroll(self.controller, run, skip, differentiable=False, objective_every=max(1, skip))
-                self.state.pending_guard_events += result.alarms  # reported with the next meta-step's counters
+                result = unroll(
+                    self.controller, run, skip, differentiable=False, objective_every=max(1, skip)
+                )
+                self.state.pending_guard_events += (
+                    result.alarms
+                )  # reported with the next meta-step's counters
                 run = result.run
             return run
 
@@ -349,8 +369,12 @@ class MetaTrainer:
         length = spec.steps if self.meta.estimator == "full" else self.meta.unroll_length
         particles = 2 * self.meta.es_pairs + 1 if not differentiable else 1
         run = start_run(build_task(spec, self.device), self.controller, self.meta.valid_batch_size)
-        estimate = estimate_unroll_bytes(self.controller, run, length, differentiable, particles, self.meta.valid_every)
-        check_memory_budget(estimate, self.meta.memory_budget_mb, f"task {spec.label} (unroll of {length} steps)")
+        estimate = estimate_unroll_bytes(
+            self.controller, run, length, differentiable, particles, self.meta.valid_every
+        )
+        check_memory_budget(
+            estimate, self.meta.memory_budget_mb, f"task {spec.label} (unroll of {length} steps)"
+        )
 
     # -- one meta-step --------------------------------------------------------------------------------------
 
@@ -370,10 +394,14 @@ class MetaTrainer:
             if run is None:
                 continue
             try:
-                estimate = self.estimator(self.controller, run, length, seed=noise_seed(self.config.seed, meta_step, slot))
+                estimate = self.estimator(
+                    self.controller, run, length, seed=noise_seed(self.config.seed, meta_step, slot)
+                )
             except EstimatorError as err:
                 raise MetaTrainingError(str(err)) from None
-            finite = math.isfinite(estimate.meta_loss) and all(bool(torch.isfinite(g).all()) for g in estimate.grads)
+            finite = math.isfinite(estimate.meta_loss) and all(
+                bool(torch.isfinite(g).all()) for g in estimate.grads
+            )
             scalars[3] += estimate.alarms
             if not finite:
                 scalars[4] += 1
@@ -418,7 +446,9 @@ class MetaTrainer:
         grad_norm = variance = 0.0
         if used:
             mean = [g / used for g in summed]
-            variance = max(0.0, float(scalars[1]) / used - sum(float(g.double().square().sum()) for g in mean))
+            variance = max(
+                0.0, float(scalars[1]) / used - sum(float(g.double().square().sum()) for g in mean)
+            )
             for p, g in zip(params, mean, strict=True):
                 p.grad = g
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, meta.meta_grad_clip))
@@ -435,7 +465,9 @@ class MetaTrainer:
     def _probe(self) -> dict[str, Any]:
         """Short-horizon-bias diagnostic and LR traces on the probe tasks (main worker only)."""
         if not self.probe_best_lrs:
-            self.probe_best_lrs = [best_constant_lr(self.config.controller, s, self.device) for s in self.probe_specs]
+            self.probe_best_lrs = [
+                best_constant_lr(self.config.controller, s, self.device) for s in self.probe_specs
+            ]
         ratios, traces = [], {}
         for spec, best_lr in zip(self.probe_specs, self.probe_best_lrs, strict=True):
             _, lrs = rollout(self.controller, spec, self.device)
@@ -454,7 +486,11 @@ class MetaTrainer:
             table.put(f"controller.{name}", tensor)
         table.put("rng.torch", torch.get_rng_state())
         table.put("rng.sampler", self.sampler.generator.get_state())
-        runs = {str(slot): put_run(table, f"run.{slot}", run) for slot, run in enumerate(self.runs) if run is not None}
+        runs = {
+            str(slot): put_run(table, f"run.{slot}", run)
+            for slot, run in enumerate(self.runs)
+            if run is not None
+        }
         record = {
             "loop": self.state.__dict__,
             "optimizer": put_optimizer(table, "meta_optimizer", self.meta_optimizer),
@@ -474,7 +510,9 @@ class MetaTrainer:
             raise ConfigError(
                 f"--resume: {self.run_dir} was written by {record['world_size']} worker(s); resume with the same count"
             )
-        self.controller.load_state_dict({n: table.get(f"controller.{n}", self.device) for n in self.controller.state_dict()})
+        self.controller.load_state_dict(
+            {n: table.get(f"controller.{n}", self.device) for n in self.controller.state_dict()}
+        )
         torch.set_rng_state(table.get("rng.torch"))
         self.sampler.generator.set_state(table.get("rng.sampler"))
         get_optimizer(table, "meta_optimizer", record["optimizer"], self.meta_optimizer)
@@ -503,7 +541,9 @@ class MetaTrainer:
             step = state.meta_step
             bar.update(1)
             if state.window_count:
-                bar.set_postfix(meta_loss=f"{state.window_sum / state.window_count:.4f}", skipped=state.skipped)
+                bar.set_postfix(
+                    meta_loss=f"{state.window_sum / state.window_count:.4f}", skipped=state.skipped
+                )
             record: dict[str, Any] = {}
             if self.context.is_main and meta.checkpoint_every and step % meta.checkpoint_every == 0:
                 provenance = {**self.provenance, "meta_steps": step}
@@ -513,7 +553,11 @@ class MetaTrainer:
                     record["meta_valid"] = score
                     if score < state.best:
                         state.best = score
-                        save_controller(self.controller, self.run_dir / "best.safetensors", {**provenance, "meta_valid": score})
+                        save_controller(
+                            self.controller,
+                            self.run_dir / "best.safetensors",
+                            {**provenance, "meta_valid": score},
+                        )
             if self.context.is_main and self.probe_specs and step % meta.probe_every == 0:
                 record |= self._probe()
             if record or step % meta.log_every == 0 or step == meta.meta_steps:
@@ -525,7 +569,9 @@ class MetaTrainer:
                     "attempted_truncations": state.attempted,
                     "guard_events": state.guard_events,
                     "refused_tasks": state.refused,
-                    "mean_lr_ratio": state.window_lr_sum / state.window_lr_count if state.window_lr_count else None,
+                    "mean_lr_ratio": state.window_lr_sum / state.window_lr_count
+                    if state.window_lr_count
+                    else None,
                     "seconds": time.perf_counter() - start,
                 }
                 state.window_sum = state.window_lr_sum = 0.0
@@ -535,7 +581,11 @@ class MetaTrainer:
                 self._save_resume_state()
         bar.close()
         if self.context.is_main:
-            save_controller(self.controller, self.run_dir / "final.safetensors", {**self.provenance, "meta_steps": meta.meta_steps})
+            save_controller(
+                self.controller,
+                self.run_dir / "final.safetensors",
+                {**self.provenance, "meta_steps": meta.meta_steps},
+            )
         self.logger.close()
         return self.controller
 

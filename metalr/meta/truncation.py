@@ -52,7 +52,9 @@ def make_truncation_schedule(
         (10, 100)
     """
     if kind not in TRUNCATION_SCHEDULES:
-        raise ValueError(f"unknown truncation schedule {kind!r}; expected one of {list(TRUNCATION_SCHEDULES)}")
+        raise ValueError(
+            f"unknown truncation schedule {kind!r}; expected one of {list(TRUNCATION_SCHEDULES)}"
+        )
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"the truncation length must be a positive integer, got {max_length=}")
     if kind == "constant":

@@ -88,7 +88,9 @@ class InnerRun:
             self,
             train_stream=copy.copy(self.train_stream),
             valid_stream=copy.copy(self.valid_stream),
-            inner_valid_stream=copy.copy(self.inner_valid_stream) if self.inner_valid_stream is not None else None,
+            inner_valid_stream=copy.copy(self.inner_valid_stream)
+            if self.inner_valid_stream is not None
+            else None,
             estimator_state=dict(self.estimator_state),
         )
 
@@ -104,12 +106,15 @@ class InnerRun:
         return p.clamp_lr(spec.base_lr * p.lr_scale(log_factor, float(self.step), float(spec.steps)))
 
 
-def start_run(task: Task, controller: LRController, valid_batch_size: int = 128, dtype: torch.dtype | None = None) -> InnerRun:
+def start_run(
+    task: Task, controller: LRController, valid_batch_size: int = 128, dtype: torch.dtype | None = None
+) -> InnerRun:
     """Initial state of training ``task`` under ``controller``."""
     if dtype is not None:
         task.model.to(dtype)
         task.splits = {
-            s: {k: v.to(dtype) if v.is_floating_point() else v for k, v in cols.items()} for s, cols in task.splits.items()
+            s: {k: v.to(dtype) if v.is_floating_point() else v for k, v in cols.items()}
+            for s, cols in task.splits.items()
         }
     named = dict(task.model.named_parameters())
     names = tuple(named)
@@ -135,7 +140,9 @@ def start_run(task: Task, controller: LRController, valid_batch_size: int = 128,
         inner_valid_stream=inner_valid,
     )
     with torch.no_grad():
-        first = float(task.loss(run.model_call(params), next(task.batches("outer_valid", batch_size=valid_batch_size))))
+        first = float(
+            task.loss(run.model_call(params), next(task.batches("outer_valid", batch_size=valid_batch_size)))
+        )
     run.initial_valid_loss = first if math.isfinite(first) and first > 0 else 1.0
     return run
 

@@ -40,7 +40,9 @@ def _schedule_controller(bias: float = -0.3) -> LRController:
     """Only the head bias b is trainable: the LR is base_lr * exp(0.1 t tanh(b)), an exponential schedule
     with one meta-parameter, so a few hundred ES perturbations estimate its gradient well."""
     torch.manual_seed(0)
-    controller = LRController(FeatureSpec(groups=("progress",)), PolicyConfig(guard_cut=1.0), ArchConfig(hidden=(4,)))
+    controller = LRController(
+        FeatureSpec(groups=("progress",)), PolicyConfig(guard_cut=1.0), ArchConfig(hidden=(4,))
+    )
     controller = controller.double()
     for name, p in controller.named_parameters():
         p.requires_grad_(name == "net.head.bias")
@@ -71,7 +73,9 @@ def _summed_over_horizon(controller: LRController, estimator: str, seed: int = 0
 
 def _true_gradient(controller: LRController) -> float:
     # The objective the truncations estimate: the sum of per-truncation means = (T / K) x full-horizon mean.
-    full = unroll(controller, _fresh(controller), HORIZON, differentiable=True).meta_loss * (HORIZON / TRUNCATION)
+    full = unroll(controller, _fresh(controller), HORIZON, differentiable=True).meta_loss * (
+        HORIZON / TRUNCATION
+    )
     return float(torch.autograd.grad(full, [controller.net.head.bias])[0])
 
 
@@ -103,7 +107,11 @@ def test_full_backprop_is_the_gradient_of_the_whole_unroll() -> None:
     expected = torch.autograd.grad(whole, [controller.net.head.bias])[0]
     torch.testing.assert_close(estimate.grads[_bias_index(controller)], expected, rtol=1e-12, atol=0)
     # Frozen parameters get an exact zero, not a missing entry.
-    assert all(float(g.abs().sum()) == 0 for (n, _), g in zip(controller.named_parameters(), estimate.grads, strict=True) if n != "net.head.bias")
+    assert all(
+        float(g.abs().sum()) == 0
+        for (n, _), g in zip(controller.named_parameters(), estimate.grads, strict=True)
+        if n != "net.head.bias"
+    )
 
 
 def test_full_backprop_refuses_horizons_above_the_limit() -> None:

@@ -32,7 +32,9 @@ def _run(controller: LRController, optimizer: str):
     spec = create_task_family("wine_mlp").sample(torch.Generator().manual_seed(1))
     spec = spec.replace(steps=30, optimizer=optimizer, base_lr=0.01 if optimizer.startswith("adam") else 0.1)
     run = start_run(build_task(spec), controller, valid_batch_size=16, dtype=torch.float64)
-    return unroll(controller, run, 3, differentiable=False).run  # mid-training: optimizer state is non-trivial
+    return unroll(
+        controller, run, 3, differentiable=False
+    ).run  # mid-training: optimizer state is non-trivial
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
@@ -68,8 +70,18 @@ def test_higher_backend_has_no_adamw_and_says_so() -> None:
 def test_meta_training_with_the_higher_backend(tmp_path) -> None:
     config = build_config(
         MetaTrainConfig,
-        {"name": "h", "seed": 1, "meta": {"backend": "higher", "meta_steps": 2, "meta_batch": 2, "unroll_length": 3,
-                                          "checkpoint_every": 0, "state_every": 0}},
+        {
+            "name": "h",
+            "seed": 1,
+            "meta": {
+                "backend": "higher",
+                "meta_steps": 2,
+                "meta_batch": 2,
+                "unroll_length": 3,
+                "checkpoint_every": 0,
+                "state_every": 0,
+            },
+        },
     )
     controller = meta_train(config, tmp_path, progress=False)
     assert (tmp_path / "final.safetensors").exists()

@@ -41,7 +41,16 @@ meta:
 
 
 def _command(recipe: Path, out: Path, resume: bool) -> list[str]:
-    command = [sys.executable, "-m", "metalr.cli", "meta-train", str(recipe), "--out", str(out), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "metalr.cli",
+        "meta-train",
+        str(recipe),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     return command + (["--resume"] if resume else [])
 
 
@@ -51,7 +60,10 @@ def _env() -> dict[str, str]:
 
 
 def _newest_state(out: Path) -> int:
-    steps = [int(p.name.split("step")[1].split(".")[0]) for p in (out / "resume").glob("state-rank0-step*.safetensors")]
+    steps = [
+        int(p.name.split("step")[1].split(".")[0])
+        for p in (out / "resume").glob("state-rank0-step*.safetensors")
+    ]
     return max(steps, default=-1)
 
 
@@ -60,15 +72,24 @@ def test_sigkill_and_resume_give_the_bit_identical_controller(tmp_path: Path) ->
     recipe = tmp_path / "crash.yaml"
     recipe.write_text(RECIPE)
     reference = tmp_path / "reference"
-    subprocess.run(_command(recipe, reference, False), env=_env(), check=True, timeout=600, capture_output=True)
+    subprocess.run(
+        _command(recipe, reference, False), env=_env(), check=True, timeout=600, capture_output=True
+    )
 
     crashed = tmp_path / "crashed"
     for kills, target in enumerate((6, 15)):  # kill twice, after different numbers of saved states
-        process = subprocess.Popen(_command(recipe, crashed, kills > 0), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            _command(recipe, crashed, kills > 0),
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 300
         while _newest_state(crashed) < target and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read() if process.stderr else ''}"
+        assert process.poll() is None, (
+            f"the run ended before it could be killed: {process.stderr.read() if process.stderr else ''}"
+        )
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     assert _newest_state(crashed) < 30
@@ -88,8 +109,16 @@ def _distributed_config(estimator: str) -> dict:
         "name": "dist",
         "seed": 4,
         "train_overrides": {"steps": [12, 20]},  # short horizons: slots finish and are refilled in step
-        "meta": {"estimator": estimator, "es_pairs": 2, "meta_steps": 5, "meta_batch": 4, "unroll_length": 6,
-                 "checkpoint_every": 0, "log_every": 1, "state_every": 0},
+        "meta": {
+            "estimator": estimator,
+            "es_pairs": 2,
+            "meta_steps": 5,
+            "meta_batch": 4,
+            "unroll_length": 6,
+            "checkpoint_every": 0,
+            "log_every": 1,
+            "state_every": 0,
+        },
     }
 
 

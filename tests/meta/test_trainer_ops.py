@@ -23,7 +23,14 @@ from metalr.tasks import TaskSpec, build_task
 
 
 def _config(meta: dict | None = None, **top: object) -> MetaTrainConfig:
-    base = {"meta_steps": 4, "meta_batch": 2, "unroll_length": 4, "checkpoint_every": 0, "log_every": 1, "state_every": 0}
+    base = {
+        "meta_steps": 4,
+        "meta_batch": 2,
+        "unroll_length": 4,
+        "checkpoint_every": 0,
+        "log_every": 1,
+        "state_every": 0,
+    }
     return build_config(MetaTrainConfig, {"name": "ops", "seed": 5, **top, "meta": {**base, **(meta or {})}})
 
 
@@ -33,12 +40,18 @@ def _records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("estimator", ["tbptt", "pes"])
 def test_lstm_controller_meta_trains(tmp_path: Path, estimator: str) -> None:
-    config = _config({"estimator": estimator, "es_pairs": 2, "meta_lr": 1e-2}, controller={"kind": "lstm", "hidden": [32]})
+    config = _config(
+        {"estimator": estimator, "es_pairs": 2, "meta_lr": 1e-2}, controller={"kind": "lstm", "hidden": [32]}
+    )
     torch.manual_seed(config.seed)  # the trainer's initialisation
     initial = build_controller(config.controller)
     trained = meta_train(config, tmp_path, progress=False)
     assert trained.arch.kind == "lstm" and trained.net.cell.hidden_size == 32
-    moved = [n for (n, a), b in zip(trained.state_dict().items(), initial.state_dict().values(), strict=True) if not torch.equal(a, b)]
+    moved = [
+        n
+        for (n, a), b in zip(trained.state_dict().items(), initial.state_dict().values(), strict=True)
+        if not torch.equal(a, b)
+    ]
     assert moved, "meta-training must change the LSTM controller"
     assert all(r["skipped_truncations"] == 0 for r in _records(tmp_path))
 
@@ -67,8 +80,15 @@ def test_guard_events_are_counted_in_metrics(tmp_path: Path) -> None:
 
 def test_memory_estimate_is_linear_in_the_unroll_length() -> None:
     controller = build_controller(_config().controller)
-    spec = TaskSpec("digits_mlp", 1, "adam", 1e-3, 100, 32, {"dataset": "digits", "width": 32, "depth": 2,
-                                                            "activation": "relu", "init_scale": 1.0})
+    spec = TaskSpec(
+        "digits_mlp",
+        1,
+        "adam",
+        1e-3,
+        100,
+        32,
+        {"dataset": "digits", "width": 32, "depth": 2, "activation": "relu", "init_scale": 1.0},
+    )
     run = start_run(build_task(spec), controller)
     per_step = step_graph_bytes(controller, run, differentiable=True)
     short = estimate_unroll_bytes(controller, run, 10, differentiable=True)
@@ -76,13 +96,18 @@ def test_memory_estimate_is_linear_in_the_unroll_length() -> None:
     assert per_step > 0 and long - short == pytest.approx(20 * per_step * GRAPH_OVERHEAD, abs=2)
     no_graph = estimate_unroll_bytes(controller, run, 30, differentiable=False, particles=9)
     assert no_graph < long, "ES/PES unrolls keep no graph"
-    with pytest.raises(MemoryBudgetError, match=r"estimated unroll memory [0-9.]+ MiB exceeds meta.memory_budget_mb=0.01"):
+    with pytest.raises(
+        MemoryBudgetError, match=r"estimated unroll memory [0-9.]+ MiB exceeds meta.memory_budget_mb=0.01"
+    ):
         check_memory_budget(long, 0.01, "task")
 
 
 def test_tasks_over_the_memory_budget_are_refused_before_they_start(tmp_path: Path) -> None:
     config = _config({"memory_budget_mb": 0.001, "max_refused": 3})
-    with pytest.raises(MetaTrainingError, match=r"3 sampled tasks in a row exceed the memory budget .*estimated unroll memory"):
+    with pytest.raises(
+        MetaTrainingError,
+        match=r"3 sampled tasks in a row exceed the memory budget .*estimated unroll memory",
+    ):
         meta_train(config, tmp_path, progress=False)
     refused = [r for r in _records(tmp_path) if r.get("event") == "refused_task"]
     assert len(refused) == 3 and "MiB exceeds meta.memory_budget_mb" in refused[0]["reason"]
@@ -98,7 +123,13 @@ def test_tensorboard_probes_and_short_horizon_bias_ratio(tmp_path: Path) -> None
     meta_train(config, tmp_path / "run", progress=False)
     last = _records(tmp_path / "run")[-1]
     assert last["probe_shb_ratio"] > 0 and len(next(iter(last["probe_lr_traces"].values()))) > 1
-    assert {"meta_loss", "estimator_variance", "skipped_truncations", "guard_events", "truncation_length"} <= set(last)
+    assert {
+        "meta_loss",
+        "estimator_variance",
+        "skipped_truncations",
+        "guard_events",
+        "truncation_length",
+    } <= set(last)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -113,8 +144,14 @@ def _probe_suite(tmp_path: Path) -> Path:
 def test_resume_continues_bit_identically_and_rewrites_no_duplicate_records(tmp_path: Path) -> None:
     def config(steps: int) -> MetaTrainConfig:
         return _config(
-            {"estimator": "pes", "es_pairs": 2, "meta_steps": steps, "state_every": 2, "truncation": "log_uniform",
-             "min_unroll_length": 2},
+            {
+                "estimator": "pes",
+                "es_pairs": 2,
+                "meta_steps": steps,
+                "state_every": 2,
+                "truncation": "log_uniform",
+                "min_unroll_length": 2,
+            },
             controller={"features": ["loss", "grad", "progress", "validation", "uncertainty", "resource"]},
         )
 
@@ -125,13 +162,20 @@ def test_resume_continues_bit_identically_and_rewrites_no_duplicate_records(tmp_
         assert torch.equal(a, b), name
     steps = [r["meta_step"] for r in _records(tmp_path / "b")]
     assert steps == list(range(1, 8))
-    assert [r["meta_loss"] for r in _records(tmp_path / "a")] == [r["meta_loss"] for r in _records(tmp_path / "b")]
+    assert [r["meta_loss"] for r in _records(tmp_path / "a")] == [
+        r["meta_loss"] for r in _records(tmp_path / "b")
+    ]
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
     meta_train(_config({"meta_steps": 1, "state_every": 1}), tmp_path, progress=False)
     with pytest.raises(ConfigError, match=r"--resume: the config differs .*unroll_length: 4 -> 6"):
-        meta_train(_config({"meta_steps": 2, "state_every": 1, "unroll_length": 6}), tmp_path, progress=False, resume=True)
+        meta_train(
+            _config({"meta_steps": 2, "state_every": 1, "unroll_length": 6}),
+            tmp_path,
+            progress=False,
+            resume=True,
+        )
 
 
 def test_full_estimator_with_too_long_horizons_stops_with_a_clear_message(tmp_path: Path) -> None:

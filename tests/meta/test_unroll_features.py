@@ -58,7 +58,10 @@ def test_meta_gradient_through_the_validation_feature_matches_finite_differences
 
     params = list(controller.parameters())
     grads = torch.autograd.grad(meta_loss(), params)
-    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype) for i, p in enumerate(params)]
+    direction = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype)
+        for i, p in enumerate(params)
+    ]
     analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
     eps = 1e-6
     with torch.no_grad():

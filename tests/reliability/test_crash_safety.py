@@ -30,7 +30,6 @@ from metalr import load_controller
 from metalr.meta.state import available_steps, read_state
 
 STATE_EVERY = 5  # the tiny recipe's state_every (== checkpoint_every == log_every)
-META_STEPS = 30
 
 
 def _meta_faults() -> list[dict[str, Any]]:
