@@ -13,11 +13,12 @@ from typing import NoReturn
 from metalr.checkpoint import CheckpointError
 from metalr.config import ROOT, ConfigError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, FileNotFoundError)
-
 
 class UserError(Exception):
     """A mistake in what the user asked for (printed as one line, exit code 2)."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, ConfigError, CheckpointError, FileNotFoundError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UserError, *USER_ERRORS) as err:
+    except USER_ERRORS as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"metalr: error: {' '.join(message.split())}", file=sys.stderr)
         return 2

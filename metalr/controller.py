@@ -19,7 +19,6 @@ explode, and the zero-initialised head makes an untrained controller exactly its
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -114,7 +113,7 @@ class LSTMNet(nn.Module):
         return self.head(h).reshape(()), torch.cat([h, c])
 
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": MLPNet, "lstm": LSTMNet}
+NETWORKS: dict[str, type[MLPNet] | type[LSTMNet]] = {"mlp": MLPNet, "lstm": LSTMNet}
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class LRController(nn.Module):
         self.feature_spec = feature_spec or FeatureSpec()
         self.policy = policy or PolicyConfig()
         self.arch = arch or ArchConfig()
-        self.net = NETWORKS[self.arch.kind](self.feature_spec.dim, tuple(self.arch.hidden))
+        self.net: MLPNet | LSTMNet = NETWORKS[self.arch.kind](self.feature_spec.dim, tuple(self.arch.hidden))
         # Zero head: an untrained controller outputs tanh(0) = 0, i.e. exactly the base schedule.
         nn.init.zeros_(self.net.head.weight)
         nn.init.zeros_(self.net.head.bias)

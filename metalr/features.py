@@ -377,7 +377,8 @@ def compute_features(spec: FeatureSpec, state: FeatureState, obs: Observation) -
 
 def detach_state(state: FeatureState) -> FeatureState:
     """Cut the autograd history (truncation boundary of an unroll)."""
-    return FeatureState(*(tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach() for v in state))
+    fields: list = [tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach() for v in state]
+    return FeatureState(*fields)
 
 
 def predictive_entropy(logits: Tensor) -> Tensor:

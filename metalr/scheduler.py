@@ -99,7 +99,8 @@ class LearnedLR(LRScheduler):
         time_budget_s: optional wall-clock budget; feeds the ``resource`` feature when the controller reads it.
         scaler: the ``torch.amp.GradScaler`` that steps ``optimizer``, if any. Steps it skipped because of
             inf/NaN gradients are not observed: the controller's state, the step count and the LR stay as
-            they were (``skipped_steps`` counts them).
+            they were (``skipped_steps`` counts them). Reading the scaler's verdict costs one more host
+            sync per step on CUDA.
         sync_loss: average the loss over the ranks of the default process group before computing features,
             so that every rank computes the same LR. ``None`` (default): when ``torch.distributed`` is
             initialised with more than one rank. Every rank must then call ``step`` (it is a collective).
@@ -342,7 +343,7 @@ class LearnedLR(LRScheduler):
         obs = Observation(
             loss=loss,
             grads=grads,
-            params=self._params,  # under no_grad the parameters themselves are safe to read
+            params=self._params,  # read-only here (inference mode): no need for detached aliases
             lr=scalars[_LR],
             lr_rel=scalars[_LR_REL],
             total_steps=scalars[_TOTAL],

@@ -64,7 +64,7 @@ def _splits(x: Tensor, y: Tensor, seed: int, train_fraction: float = 1.0) -> dic
     return {name: {"x": xs[i], "y": y[i]} for name, i in idx.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sklearn_data(name: str) -> tuple[Tensor, Tensor]:
     from sklearn import datasets
 
