@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "metalr"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 _MAX_METADATA_BYTES = 1 << 20
+MAX_CONTROLLER_PARAMETERS = 10_000_000  # a [64, 32] MLP has ~3k; refuse anything absurd before allocating
 
 
 class CheckpointError(ValueError):
@@ -116,8 +117,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: metadata is {len(raw)} bytes, more than the {_MAX_METADATA_BYTES} allowed")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: metadata is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, over-long integers, absurd nesting
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
@@ -155,6 +156,11 @@ def controller_from_metadata(meta: dict[str, Any]) -> LRController:
         raise ValueError(f"architecture input_dim {input_dim} does not match the {spec.dim} features of the spec")
     arch = _typed_config(ArchConfig, arch_data, "architecture")
     policy = _typed_config(PolicyConfig, dict(meta["policy"]), "policy")
+    # Bound what a crafted file can make us allocate before any tensor is read.
+    widths = [spec.dim, *arch.hidden, 1]
+    size = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False)) * (4 if arch.kind == "lstm" else 1)
+    if size > MAX_CONTROLLER_PARAMETERS:
+        raise ValueError(f"architecture {arch} has {size} parameters, more than the {MAX_CONTROLLER_PARAMETERS} allowed")
     return LRController(spec, policy, arch)
 
 
@@ -172,7 +178,7 @@ def load_controller(path_or_name: str | os.PathLike[str], device: str | torch.de
     meta = read_metadata(path)
     try:
         controller = controller_from_metadata(meta)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise CheckpointError(f"{path}: {err}") from None
     expected = {k: tuple(v.shape) for k, v in controller.net.state_dict().items()}
     try:

@@ -52,6 +52,10 @@ class PolicyConfig:
     guard_cut: float = 10.0
 
     def __post_init__(self) -> None:
+        numbers = {k: v for k, v in vars(self).items() if k != "base_schedule"}
+        bad = [f"{k}={v!r}" for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"policy values must be finite numbers, got {', '.join(bad)}")
         if not 0 < self.min_lr < self.max_lr:
             raise ValueError(f"need 0 < min_lr < max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}")
         if not 0 < self.min_factor <= 1 <= self.max_factor:
@@ -126,8 +130,8 @@ class ArchConfig:
     def __post_init__(self) -> None:
         if self.kind not in NETWORKS:
             raise ValueError(f"unknown controller kind {self.kind!r}; expected one of {sorted(NETWORKS)}")
-        if not self.hidden or not all(isinstance(h, int) and 0 < h <= 4096 for h in self.hidden):
-            raise ValueError(f"hidden sizes must be positive integers, got {list(self.hidden)}")
+        if not 0 < len(self.hidden) <= 8 or not all(isinstance(h, int) and not isinstance(h, bool) and 0 < h <= 4096 for h in self.hidden):
+            raise ValueError(f"hidden must be 1 to 8 layer widths, each an integer in [1, 4096], got {list(self.hidden)}")
 
 
 class PolicyState(NamedTuple):

@@ -192,7 +192,10 @@ class LearnedLR(LRScheduler):
             # of a finite scale times a huge base LR is clamped to the upper bound like any large LR.
             if not math.isfinite(lr):
                 lr = policy.max_lr if lr == math.inf else policy.min_lr
-            lrs.append(min(max(lr, policy.min_lr), policy.max_lr))
+            lr = min(max(lr, policy.min_lr), policy.max_lr)
+            # Last line of defence against a policy whose bounds are themselves infinite (PolicyConfig should
+            # refuse them): an infinite LR is never written; the group's own base LR stands in.
+            lrs.append(lr if math.isfinite(lr) else float(base))
         return lrs
 
     def step(self, loss: Tensor | float | None = None, epoch: None = None) -> None:  # type: ignore[override]

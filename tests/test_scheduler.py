@@ -274,3 +274,17 @@ def test_tensor_lr_is_updated_in_place() -> None:
     assert optimizer.param_groups[0]["lr"] is lr
     assert float(lr) == pytest.approx(lrs[-1][0])
     assert len({row[0] for row in lrs}) > 1
+
+
+def test_state_dict_loads_with_weights_only(tmp_path) -> None:
+    """Trainer (and careful users) reload scheduler state with ``torch.load(..., weights_only=True)``."""
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = LearnedLR(optimizer, active_controller(), total_steps=6)
+    train(model, optimizer, sched, batches(3))
+    torch.save(sched.state_dict(), tmp_path / "scheduler.pt")
+    restored = LearnedLR(
+        torch.optim.SGD(tiny_model().parameters(), lr=0.1), active_controller(), total_steps=6
+    )
+    restored.load_state_dict(torch.load(tmp_path / "scheduler.pt", weights_only=True))
+    assert restored.last_epoch == 3 and restored.get_last_lr() == sched.get_last_lr()

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -447,7 +448,8 @@ class RealTaskFamily:
         options = {"dataset": self.dataset, **values, **self.fixed}
         if self.data_dir is not None:
             options["data_dir"] = str(self.data_dir)
-        return options
+        # JSON-native values (tuples become lists), so a spec equals itself after a JSON round trip.
+        return json.loads(json.dumps(options))
 
     def sample(self, generator: torch.Generator) -> TaskSpec:
         values = {
@@ -567,13 +569,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
         description="LSTM sentiment classifier on IMDB reviews (first 64-128 tokens; test: fixed 5k of 25k)", dataset="imdb",
         model="embedding + LSTM + dense", kind="text",
         space={"arch": "lstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((128, 64)), "train_examples": LogRange(4000, 22500), "valid_examples": 1000, "test_examples": 5000},
-        sampling=_sampling((100, 400), (16, 32)), reference=Reference("adam", 2e-3, 400, 32, {"train_examples": None}),
+        sampling=_sampling((100, 800), (16, 32)), reference=Reference("adam", 2e-3, 800, 32, {"train_examples": None}),
     ),
     "imdb_bilstm": dict(
         description="BiLSTM sentiment classifier on IMDB reviews (first 64-128 tokens; test: fixed 5k of 25k)", dataset="imdb",
         model="embedding + BiLSTM + dense", kind="text",
         space={"arch": "bilstm", **_LSTM, "pooling": Choice(("max", "last")), "max_length": Choice((128, 64)), "train_examples": LogRange(4000, 22500), "valid_examples": 1000, "test_examples": 5000},
-        sampling=_sampling((100, 400), (16, 32)), reference=Reference("adam", 2e-3, 400, 32, {"train_examples": None}),
+        sampling=_sampling((100, 800), (16, 32)), reference=Reference("adam", 2e-3, 800, 32, {"train_examples": None}),
     ),
     "ag_news_lstm": dict(
         description="LSTM topic classifier on AG News (4 classes)", dataset="ag_news", model="embedding + LSTM + dense", kind="text",

@@ -6,23 +6,33 @@ rename, in the middle of a JSONL append, or at the start of a meta-step drawn by
 kill the run directory must hold only valid files, and resuming must lose at most one state interval;
 the resumed run must end with the bit-identical controller (and checkpoints and metrics) of an
 uninterrupted run. The meta engineer's ``tests/meta/test_resume_distributed.py`` covers wall-clock kills.
+Evaluations are killed between two records and in the middle of one; the re-run must finish the grid
+without repeating a finished run, and a killed parallel evaluation must not leave its workers behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from reliability_support import (
+    HARNESS,
+    ROOT,
     TIMING_FIELDS,
     assert_same_tensors,
     jsonl_lines,
     read_trace,
     run_metalr,
+    subprocess_env,
     tensors,
 )
 
@@ -182,3 +192,45 @@ def test_killed_evaluation_completes_without_repeats_duplicates_or_torn_records(
     # Only runs whose record was lost with the process (in flight at the kill) were repeated.
     assert len(executed) - len(records) <= len(faults)
     assert (out / "report.md").is_file()
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (the workers a test's evaluation spawned)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environment = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in environment:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG metalr/evaluation/executors.py ProcessExecutor: when `metalr evaluate --workers N` is SIGKILLed its spawned "
+    "pool workers (and the multiprocessing resource tracker) are orphaned and stay alive indefinitely, blocked on the "
+    "call queue, ~300 MB each; workers should exit when their parent dies (e.g. watch os.getppid() in _init_worker)",
+)
+def test_a_killed_parallel_evaluation_leaves_no_worker_processes(eval_reference, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    marker = f"RELIABILITY_TRACE={trace}"
+    argv = ["evaluate", str(eval_reference.recipe), "--out", str(tmp_path / "eval"), "--workers", "2", "--no-progress"]
+    # Not subprocess.run(capture_output=True): orphaned workers would hold the pipes open.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(HARNESS), "--", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env=subprocess_env({"kill_on_append": "results.jsonl", "nth": 1}, trace))
+        assert process.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+    try:
+        deadline = time.monotonic() + 20
+        while (left := _processes_with(marker)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"{len(left)} processes outlived the killed evaluation by 20 s"
+    finally:
+        for pid in _processes_with(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -146,11 +146,9 @@ def _with_metadata(tmp_path: Path, raw: str, tensors: dict[str, torch.Tensor] | 
         pytest.param("huge", '{"pad": "' + "x" * (2 << 20) + '"}', id="metadata-over-the-size-limit"),
         pytest.param(
             "deep", "[" * 100_000 + "]" * 100_000, id="deeply-nested-json",
-            marks=pytest.mark.xfail(strict=True, reason="BUG metalr/checkpoint.py read_metadata: json.loads raises RecursionError, only JSONDecodeError is caught"),
         ),
         pytest.param(
             "bigint", '{"format_version": ' + "9" * 5000 + "}", id="integer-beyond-int-max-str-digits",
-            marks=pytest.mark.xfail(strict=True, reason="BUG metalr/checkpoint.py read_metadata: json.loads raises a plain ValueError (int max str digits), not CheckpointError"),
         ),
         pytest.param("list", "[1, 2]", id="metadata-a-list"),
         pytest.param("string", '"metalr"', id="metadata-a-string"),
@@ -159,18 +157,6 @@ def _with_metadata(tmp_path: Path, raw: str, tensors: dict[str, torch.Tensor] | 
 def test_hostile_metadata_documents_are_refused(case: str, raw: str, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="edited.safetensors"):
         load_controller(_with_metadata(tmp_path, raw))
-
-
-_BUG_OVERFLOW = pytest.mark.xfail(
-    strict=True,
-    reason="BUG metalr/checkpoint.py load_controller: OverflowError from FeatureSpec.from_dict (int(inf) / float(huge int)) "
-    "escapes; only ValueError/TypeError are turned into CheckpointError",
-)
-_BUG_INFINITE_BOUNDS = pytest.mark.xfail(
-    strict=True,
-    reason="BUG metalr/controller.py PolicyConfig (via load_controller): infinite max_lr/max_factor from untrusted metadata "
-    "are accepted, so the LR has no upper bound (a crafted file drove LearnedLR to lr=3.9e9 within 3000 steps)",
-)
 
 
 @pytest.mark.parametrize(
@@ -193,12 +179,12 @@ _BUG_INFINITE_BOUNDS = pytest.mark.xfail(
         pytest.param(lambda m: m["feature_spec"].update(scales=[[1, 2, 3]]), id="scales-not-a-mapping"),
         pytest.param(lambda m: m["feature_spec"].update(clip="five"), id="clip-not-a-number"),
         pytest.param(lambda m: m["feature_spec"].update(clip=float("nan")), id="clip-nan"),
-        pytest.param(lambda m: m["feature_spec"].update(format=float("inf")), id="feature-format-infinite", marks=_BUG_OVERFLOW),
-        pytest.param(lambda m: m["feature_spec"].update(clip=10**400), id="clip-beyond-float", marks=_BUG_OVERFLOW),
+        pytest.param(lambda m: m["feature_spec"].update(format=float("inf")), id="feature-format-infinite"),
+        pytest.param(lambda m: m["feature_spec"].update(clip=10**400), id="clip-beyond-float"),
         pytest.param(lambda m: m["policy"].update(min_lr={"a": 1}), id="policy-value-a-mapping"),
         pytest.param(lambda m: m["policy"].update(max_log_step=float("nan")), id="policy-nan"),
         pytest.param(lambda m: m["policy"].update(guard_cut=True), id="policy-bool"),
-        pytest.param(lambda m: m["policy"].update(max_lr=float("inf"), max_factor=float("inf")), id="policy-infinite-bounds", marks=_BUG_INFINITE_BOUNDS),
+        pytest.param(lambda m: m["policy"].update(max_lr=float("inf"), max_factor=float("inf")), id="policy-infinite-bounds"),
         pytest.param(lambda m: m.update(provenance="unknown"), id="provenance-a-string"),
     ],
 )

@@ -15,7 +15,7 @@ import torch
 from torch.func import functional_call
 
 from metalr.config import load_suite
-from metalr.tasks import create_task_family, list_task_families
+from metalr.tasks import TaskSpec, create_task_family, list_task_families
 from metalr.tasks.optimizers import make_torch_optimizer
 from metalr.tasks.real import FAMILIES, RealTaskFamily, evaluate_split, real_family_names
 
@@ -71,7 +71,7 @@ def test_family_describes_and_samples(name: str) -> None:
     for spec in specs:
         assert spec.family == name and spec.options["dataset"] == family.dataset
         assert family.sampling.steps[0] <= spec.steps <= family.sampling.steps[1]
-        assert json.loads(json.dumps(spec.to_dict())) == json.loads(spec.key)
+        assert TaskSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     reference = family.reference_spec()
     assert set(reference.options) == set(specs[0].options)
 
