@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from metalr.checkpoint import CheckpointError
 from metalr.config import ROOT, ConfigError
+from metalr.tasks.datasets.base import DatasetError
 
 
 class UserError(Exception):
     """A mistake in what the user asked for (printed as one line, exit code 2)."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (UserError, ConfigError, CheckpointError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, ConfigError, CheckpointError, DatasetError, FileNotFoundError)
+DEMO_MARKER = ".metalr-demo"  # `metalr demo` only ever deletes a directory that holds this file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +35,18 @@ def _fresh_dir(path: Path, resume: bool) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _removed_on_user_error(out: Path) -> Iterator[None]:
+    """A command that fails on the user's input leaves no partial output directory behind (one it created)."""
+    existed = out.exists()
+    try:
+        yield
+    except USER_ERRORS:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from metalr.config import MetaTrainConfig, load_config, load_suite
     from metalr.meta.trainer import MetaTrainingError, meta_train
@@ -40,10 +55,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     load_suite(config.suite)  # validate before creating anything on disk
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
-    try:
-        meta_train(config, out, progress=not args.no_progress, resume=args.resume)
-    except MetaTrainingError as err:  # the run's settings cannot work: one line, exit code 2
-        raise UserError(str(err)) from None
+    with _removed_on_user_error(out):
+        try:
+            meta_train(config, out, progress=not args.no_progress, resume=args.resume)
+        except MetaTrainingError as err:  # the run's settings cannot work: one line, exit code 2
+            raise UserError(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every worker gets here; say it once
         print(f"controller written to {out / 'final.safetensors'}")
     return 0
@@ -66,15 +82,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     workers = args.workers or os.cpu_count() or 1
     if workers <= 0:
         raise UserError(f"--workers must be a positive integer, got {workers}")
-    summary = evaluate_suite(
-        config,
-        controller=args.controller,
-        out_dir=out,
-        workers=workers,
-        backend=args.backend,
-        address=args.address,
-        progress=not args.no_progress,
-    )
+    with _removed_on_user_error(out):
+        summary = evaluate_suite(
+            config,
+            controller=args.controller,
+            out_dir=out,
+            workers=workers,
+            backend=args.backend,
+            address=args.address,
+            progress=not args.no_progress,
+        )
     print(summary)
     print(f"\nreport: {out / 'report.md'} (and report.html); records: {out / 'results.jsonl'}")
     return 0
@@ -94,8 +111,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from metalr.demo import run_demo
 
     out = Path(args.out)
-    if out.exists() and not args.resume:
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        if not (out / DEMO_MARKER).is_file():
+            raise UserError(f"{out} is not empty and was not written by `metalr demo`; choose another --out")
+        shutil.rmtree(out)  # a previous demo's output: start afresh
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
     print(run_demo(out, quick=args.quick, progress=not args.no_progress, workers=args.workers))
     return 0
 

@@ -103,6 +103,17 @@ class MetaConfig:
             raise ValueError(f"es_sigma must be > 0, got {self.es_sigma}")
         if not self.memory_budget_mb >= 0:
             raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
+        # Names are checked here, at load time, so a typo never starts a run (imports are lazy: meta imports us).
+        from metalr.meta.estimators import ESTIMATORS
+        from metalr.meta.truncation import TRUNCATION_SCHEDULES
+
+        for key, value, allowed in (
+            ("estimator", self.estimator, sorted(ESTIMATORS)),
+            ("truncation", self.truncation, list(TRUNCATION_SCHEDULES)),
+            ("backend", self.backend, ["native", "higher"]),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {key} {value!r}; expected one of {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +127,23 @@ class MetaTrainConfig:
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     controller: ControllerConfig = ControllerConfig()
     meta: MetaConfig = MetaConfig()
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use here, naming what is available."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda' (optionally 'cuda:N')") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; expected 'cpu' or 'cuda'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested, but this torch build sees no CUDA device; use device=cpu")
 
 
 @dataclasses.dataclass(frozen=True)

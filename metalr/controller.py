@@ -132,6 +132,8 @@ class ArchConfig:
             raise ValueError(f"unknown controller kind {self.kind!r}; expected one of {sorted(NETWORKS)}")
         if not 0 < len(self.hidden) <= 8 or not all(isinstance(h, int) and not isinstance(h, bool) and 0 < h <= 4096 for h in self.hidden):
             raise ValueError(f"hidden must be 1 to 8 layer widths, each an integer in [1, 4096], got {list(self.hidden)}")
+        if self.kind == "lstm" and len(self.hidden) != 1:
+            raise ValueError(f"the lstm controller takes one hidden size (e.g. hidden: [32]), got {list(self.hidden)}")
 
 
 class PolicyState(NamedTuple):

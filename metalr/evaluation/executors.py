@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import multiprocessing
+import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -49,6 +52,22 @@ def _init_worker(controller_path: str | None) -> None:
     global _WORKER_CONTROLLER
     torch.set_num_threads(1)
     _WORKER_CONTROLLER = controller_path
+    _exit_with_parent()
+
+
+def _exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """Pool workers block on the call queue forever if the parent is SIGKILLed; leave when it is gone.
+
+    A reparented worker sees its parent pid change (portable, unlike Linux's PR_SET_PDEATHSIG).
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_in_worker(cell: Cell) -> dict[str, Any]:

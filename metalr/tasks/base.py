@@ -238,6 +238,8 @@ class SamplingConfig:
             low, high = self.lr_ranges.get(opt, DEFAULT_LR_RANGES[opt])
             if not 0 < low <= high:
                 raise ValueError(f"lr range for {opt} must satisfy 0 < low <= high, got ({low}, {high})")
+        if len(self.steps) != 2:
+            raise ValueError(f"steps must be a [low, high] pair, got {list(self.steps)}")
         if not 0 < self.steps[0] <= self.steps[1]:
             raise ValueError(f"steps range must satisfy 0 < low <= high, got {self.steps}")
         if not self.batch_sizes or min(self.batch_sizes) <= 0:

@@ -61,11 +61,32 @@ def create_task_family(name: str, **overrides: Any) -> TaskFamily:
             sampling["lr_ranges"] = {k: tuple(v) for k, v in dict(sampling["lr_ranges"]).items()}
         own["sampling"] = SamplingConfig(**sampling)
     try:
-        return _FAMILIES[name](**own)
+        family = _FAMILIES[name](**own)
     except TypeError as err:
         raise ValueError(
             f"task family {name!r} does not take {sorted(own)} ({err}); sampling overrides: {sorted(sampling_fields)}"
         ) from None
+    _check_ranges(name, family, own)
+    return family
+
+
+def _check_ranges(name: str, family: Any, overrides: dict[str, Any]) -> None:
+    """An override of a ``(low, high)`` range field must itself be a ``[low, high]`` pair with low <= high."""
+    if not dataclasses.is_dataclass(family):
+        return
+    for f in dataclasses.fields(family):
+        default = f.default
+        is_range = isinstance(default, tuple) and len(default) == 2 and all(isinstance(v, (int, float)) for v in default)
+        if not is_range or f.name not in overrides:
+            continue
+        value = overrides[f.name]
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not value[0] <= value[1]
+        ):
+            raise ValueError(f"task family {name!r}: {f.name} must be a [low, high] pair with low <= high, got {value!r}")
 
 
 def build_task(spec: TaskSpec, device: str = "cpu") -> Task:

@@ -8,9 +8,8 @@ and a failed ``meta-train`` or ``evaluate`` leaves no run directory behind. Runs
 tiny (a 1-meta-step recipe on 4-8 parameter tasks, an 8-run evaluation of 20 steps; ``metalr demo`` is
 stubbed), so a successful example costs about a second.
 
-Inputs that expose known bugs are listed in ``KNOWN_BUGS``: each is an explicit ``xfail(strict=True)``
-case below and is kept out of the fuzz vocabulary so the fuzz stays a regression test for everything
-else. When a bug is fixed its strict xfail turns into a failure: delete it from ``KNOWN_BUGS``.
+Inputs that exposed bugs (since fixed) are listed in ``FORMER_BUGS``: each is an explicit regression case
+below and part of the fuzz vocabulary.
 
 Corrupt data directories (truncated or wrong-format files) are the datasets engineer's tests:
 ``tests/tasks/test_datasets.py::test_malformed_file_error_names_the_file`` and
@@ -56,7 +55,7 @@ from metalr.config import (
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 # override -> the bug it exposes (owner: the meta-training engineer unless said otherwise)
-KNOWN_BUGS: dict[str, str] = {
+FORMER_BUGS: dict[str, str] = {
     "meta.estimator=bogus": "KeyError traceback (exit 1) from metalr/meta/estimators.py create_estimator; config.yaml left behind",
     "meta.truncation=bogus": "ValueError traceback (exit 1) from metalr/meta/truncation.py make_truncation_schedule; config.yaml left behind",
     "device=tpu": "RuntimeError traceback (exit 1) from torch when MetaTrainer moves the controller; config.yaml left behind",
@@ -198,10 +197,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     "override",
     [
         *INVALID_OVERRIDES[:12],
-        *(
-            pytest.param(o, marks=pytest.mark.xfail(strict=True, reason=f"BUG: {why}"), id=o)
-            for o, why in KNOWN_BUGS.items()
-        ),
+        *(pytest.param(o, id=o) for o in FORMER_BUGS),
     ],
 )
 def test_invalid_meta_train_overrides_fail_in_one_line_without_a_run_directory(override: str, inputs: dict[str, str]) -> None:
@@ -210,11 +206,6 @@ def test_invalid_meta_train_overrides_fail_in_one_line_without_a_run_directory(o
     assert code == 2, f"{override} was accepted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG metalr/cli.py cmd_demo: `metalr demo --out DIR` deletes an existing DIR (shutil.rmtree) without asking, "
-    "whatever it holds (`metalr demo --out .` empties the working directory)",
-)
 def test_demo_never_deletes_an_existing_directory_it_did_not_create(tmp_path: Path) -> None:
     precious = tmp_path / "thesis"
     precious.mkdir()
@@ -244,7 +235,7 @@ def _document(top_keys: list[str], nested: dict[str, list[str]]) -> st.SearchStr
 
 
 _override_strings = st.one_of(
-    st.sampled_from(VALID_OVERRIDES + INVALID_OVERRIDES),
+    st.sampled_from(VALID_OVERRIDES + INVALID_OVERRIDES + list(FORMER_BUGS)),
     st.builds(lambda k, v: f"{k}={v}", st.sampled_from([*(f"meta.{k}" for k in _meta_keys), *(f"controller.{k}" for k in _controller_keys), "seed", "name", "suite", "x"]), st.text(max_size=8)),
     st.text(max_size=12),
 )
@@ -337,7 +328,7 @@ def _argv_strategy(inputs: dict[str, str]) -> st.SearchStrategy[list[str]]:
     meta_train = st.tuples(
         st.just(["meta-train"]),
         files.map(lambda f: [f]),
-        st.lists(st.sampled_from(VALID_OVERRIDES) | st.sampled_from(INVALID_OVERRIDES), max_size=3),
+        st.lists(st.sampled_from(VALID_OVERRIDES) | st.sampled_from(INVALID_OVERRIDES + list(FORMER_BUGS)), max_size=3),
         st.lists(st.sampled_from([["--out", "run"], ["--out", "run"], ["--resume"], ["--no-progress"], ["--out"], ["--out", "occupied"], ["--bogus"]]), max_size=3)
         .map(lambda groups: [t for g in groups for t in g]),
     )
@@ -360,7 +351,7 @@ def _argv_strategy(inputs: dict[str, str]) -> st.SearchStrategy[list[str]]:
         .map(lambda groups: [t for g in groups for t in g]),
     )
     structured = (meta_train | evaluate | other).map(lambda parts: [t for part in parts for t in part])
-    # Junk tokens are never path-like ("/", "..", "~"): `metalr demo --out X` deletes X (see the xfail above).
+    # Junk tokens are never path-like ("/", "..", "~"): the fuzz must not write outside its scratch folder.
     junk = st.lists(st.sampled_from(JUNK + ["meta-train", "evaluate", "tasks", "report", "--out", "run", "--seeds", "--workers"]), max_size=5)
     return st.one_of(structured, junk, st.tuples(structured, junk).map(lambda p: p[0] + p[1]))
 
@@ -399,11 +390,6 @@ def test_valid_yaml_that_is_not_a_mapping_is_one_line(inputs: dict[str, str]) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["meta-train", "evaluate"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG metalr/cli.py main: DatasetError (metalr/tasks/datasets/base.py) is not in USER_ERRORS, so a truncated "
-    "data file ends `metalr meta-train`/`evaluate` with a traceback and exit 1 (meta-train also leaves config.yaml)",
-)
 def test_a_truncated_data_file_is_one_line_from_the_cli(command: str, tmp_path: Path) -> None:
     fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "titanic"
     data = tmp_path / "data" / "titanic"

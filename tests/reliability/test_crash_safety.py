@@ -210,12 +210,6 @@ def _processes_with(marker: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG metalr/evaluation/executors.py ProcessExecutor: when `metalr evaluate --workers N` is SIGKILLed its spawned "
-    "pool workers (and the multiprocessing resource tracker) are orphaned and stay alive indefinitely, blocked on the "
-    "call queue, ~300 MB each; workers should exit when their parent dies (e.g. watch os.getppid() in _init_worker)",
-)
 def test_a_killed_parallel_evaluation_leaves_no_worker_processes(eval_reference, tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     marker = f"RELIABILITY_TRACE={trace}"

@@ -231,11 +231,6 @@ except CheckpointError as err:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG metalr/checkpoint.py controller_from_metadata: the network described by untrusted metadata is allocated "
-    "before the tensor shapes are checked, and ArchConfig bounds each layer (<= 4096) but not the layer count",
-)
 def test_metadata_describing_a_huge_network_is_refused_before_allocating_it(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", _BIG_NETWORK, str(tmp_path / "big.safetensors")],
