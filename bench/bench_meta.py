@@ -1,7 +1,7 @@
 """Meta-training engine benchmarks (issue 5): unroll overhead, memory per unroll step, native vs higher,
 and 2-process vs 1-process meta-training throughput. Prints a Markdown report (and writes it with --out).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_meta.py --out bench/results_meta.md
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_meta.py --repeats 3   (its report is the "Meta-training engine benchmarks" section of BENCHMARKS.md)
 
 Definitions:
 * plain step: ``loss = task.loss(model, batch); loss.backward(); optimizer.step(); zero_grad()`` with the

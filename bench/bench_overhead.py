@@ -8,7 +8,7 @@ reported. The scheduler's own cost is also timed in isolation (``sched.step`` al
 machine the difference of two ~ms step times is noisier than the thing being measured. With one thread
 on CPU the clock is the thread's CPU time, which a loaded machine does not inflate (see ``time_block``).
 
-Usage (figures in bench/results_overhead.md)::
+Usage (figures in BENCHMARKS.md)::
 
     .venv/bin/python bench/bench_overhead.py                     # small CNN on CPU, 1 thread
     .venv/bin/python bench/bench_overhead.py --device cuda       # + ResNet-18 when a GPU is present
