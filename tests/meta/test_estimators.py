@@ -154,8 +154,8 @@ def test_pes_particles_persist_and_accumulate_noise() -> None:
 def test_backend_higher_is_refused_for_the_es_estimators() -> None:
     with pytest.raises(EstimatorError, match="backprop estimators"):
         create_estimator(MetaConfig(estimator="pes", backend="higher"))
-    with pytest.raises(KeyError, match="expected one of"):
-        create_estimator(MetaConfig(estimator="reinforce"))
+    with pytest.raises(ValueError, match="unknown estimator 'reinforce'; expected one of"):
+        MetaConfig(estimator="reinforce")  # rejected when the recipe is loaded, before any run starts
 
 
 def test_truncation_schedules() -> None:
