@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metalr.controller import LRController, detach_policy_state
-from metalr.features import Observation
-from metalr.meta.unroll import InnerRun, UnrollResult, detach_observation, extra_observations
+from metalr.controller import LRController
+from metalr.meta.unroll import InnerRun, UnrollResult, observe_step
 from metalr.tasks.optimizers import OptimizerHyper, make_torch_optimizer
 
 HIGHER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -135,29 +134,19 @@ def higher_unroll(
                 bias_correction2 = 1 - hyper.beta2 ** (int(run.opt_state[0]) + k + 1)
                 override["eps"] = [hyper.eps * bias_correction2**0.5]
             new_params = tuple(diffopt.step(loss, override=override, grad_callback=keep))
-            valid_loss, entropy, budget = extra_observations(
+            policy = observe_step(
                 controller,
                 replace(run, policy=policy),
                 current,
+                loss,
+                captured[0],
+                new_params,
+                lr,
                 outputs[-1] if outputs else None,
                 valid_every,
+                differentiable,
+                detach_features,
             )
-            obs = Observation(
-                loss=loss,
-                grads=captured[0],
-                params=new_params,
-                lr=lr,
-                lr_rel=lr / spec.base_lr,
-                total_steps=torch.full((), float(spec.steps), device=loss.device),
-                valid_loss=valid_loss,
-                entropy=entropy,
-                budget_used=budget,
-            )
-            if detach_features or not differentiable:
-                obs = detach_observation(obs)
-            _, policy = controller.step(policy, obs)
-            if not differentiable:
-                policy = detach_policy_state(policy)
             run = replace(run, step=run.step + 1, policy=policy, params=new_params)
             lrs.append(float(lr.detach()))
             train_losses.append(float(loss.detach()))

@@ -219,6 +219,42 @@ def extra_observations(
     return valid_loss, entropy, budget
 
 
+def observe_step(
+    controller: LRController,
+    run: InnerRun,
+    params: tuple[Tensor, ...],
+    loss: Tensor,
+    grads: tuple[Tensor, ...],
+    new_params: tuple[Tensor, ...],
+    lr: Tensor,
+    output: Any,
+    valid_every: int,
+    differentiable: bool,
+    detach_features: bool,
+) -> PolicyState:
+    """Observe the step theta_t (``params``) -> theta_{t+1} (``new_params``) and advance ``run.policy``.
+
+    Shared by every unroll backend, so the controller sees the same observation whichever one runs.
+    """
+    spec = run.task.spec
+    valid_loss, entropy, budget = extra_observations(controller, run, params, output, valid_every)
+    obs = Observation(
+        loss=loss,
+        grads=grads,
+        params=new_params,
+        lr=lr,
+        lr_rel=lr / spec.base_lr,
+        total_steps=torch.full((), float(spec.steps), device=loss.device),
+        valid_loss=valid_loss,
+        entropy=entropy,
+        budget_used=budget,
+    )
+    if detach_features or not differentiable:
+        obs = detach_observation(obs)
+    _, policy = controller.step(run.policy, obs)
+    return policy if differentiable else detach_policy_state(policy)
+
+
 def inner_step(
     controller: LRController,
     run: InnerRun,
@@ -238,26 +274,12 @@ def inner_step(
     grads = torch.autograd.grad(loss, params, create_graph=differentiable)
     lr = run.lr(controller)
     new_params, opt_state = run.optimizer.update(grads, run.opt_state, params, lr)
-    spec = run.task.spec
-    valid_loss, entropy, budget = extra_observations(controller, run, params, call.output, valid_every)
-    obs = Observation(
-        loss=loss,
-        grads=grads,
-        params=new_params,
-        lr=lr,
-        lr_rel=lr / spec.base_lr,
-        total_steps=torch.full((), float(spec.steps), device=loss.device),
-        valid_loss=valid_loss,
-        entropy=entropy,
-        budget_used=budget,
+    policy = observe_step(
+        controller, run, params, loss, grads, new_params, lr, call.output, valid_every, differentiable, detach_features
     )
-    if detach_features or not differentiable:
-        obs = detach_observation(obs)
-    _, policy = controller.step(run.policy, obs)
     if not differentiable:
         new_params = tuple(p.detach() for p in new_params)
         opt_state = tuple(s.detach() for s in opt_state)
-        policy = detach_policy_state(policy)
     return replace(run, params=new_params, opt_state=opt_state, policy=policy, step=run.step + 1), loss, lr
 
 
