@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 SPLITS = ("train", "inner_valid", "outer_valid", "test")
@@ -268,6 +269,23 @@ def sample_common(generator: torch.Generator, config: SamplingConfig, family: st
         batch_size=int(choice(generator, config.batch_sizes)),
         options=options,
     )
+
+
+def seeded_model(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model with its initialisation seeded by ``seed``, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def forward_x(model_call: ModelCall, batch: Batch) -> Tensor:
+    """Outputs of a model whose input is the ``x`` column."""
+    return model_call(batch["x"])
+
+
+def classify_x(model_call: ModelCall, batch: Batch) -> Tensor:
+    """Cross-entropy of a classifier on the ``x`` column against the ``y`` labels."""
+    return F.cross_entropy(model_call(batch["x"]), batch["y"])
 
 
 def classification_metrics(logits: Tensor, batch: Batch) -> dict[str, float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,11 @@ from metalr.tasks.base import (
     TaskSpec,
     choice,
     classification_metrics,
+    classify_x,
+    forward_x,
     log_uniform,
     sample_common,
+    seeded_model,
     split_indices,
 )
 from metalr.tasks.models import mlp
@@ -36,22 +38,8 @@ from metalr.tasks.registry import register_task_family
 FRACTIONS = {"train": 0.6, "inner_valid": 0.1, "outer_valid": 0.1, "test": 0.2}
 
 
-def _classify_loss(model_call: ModelCall, batch: Batch) -> Tensor:
-    return F.cross_entropy(model_call(batch["x"]), batch["y"])
-
-
-def _forward_x(model_call: ModelCall, batch: Batch) -> Tensor:
-    return model_call(batch["x"])
-
-
 def _mse_loss(model_call: ModelCall, batch: Batch) -> Tensor:
     return F.mse_loss(model_call(batch["x"]), batch["y"])
-
-
-def _seeded_model(seed: int, factory: Any) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory()
 
 
 def _splits(x: Tensor, y: Tensor, seed: int, train_fraction: float = 1.0) -> dict[str, Batch]:
@@ -128,11 +116,11 @@ class SklearnMLPFamily:
             flip = torch.rand(len(train_y), generator=g) < noise
             train_y[flip] = torch.randint(num_classes, (int(flip.sum()),), generator=g)
             splits["train"]["y"] = train_y
-        model = _seeded_model(
+        model = seeded_model(
             spec.seed,
             lambda: mlp(x.shape[1], num_classes, o["width"], o["depth"], o["activation"], o["init_scale"]),
         )
-        return Task(spec, model, splits, _classify_loss, _forward_x, classification_metrics, num_classes)
+        return Task(spec, model, splits, classify_x, forward_x, classification_metrics, num_classes)
 
 
 for _dataset in ("digits", "breast_cancer", "wine", "iris"):
@@ -239,13 +227,13 @@ class _LinearTeacherFamily:
         idx = split_indices(n, FRACTIONS, spec.seed, fixed_test_seed=spec.seed)
         if self.kind == "linear":
             y: Tensor = score.unsqueeze(-1)
-            model = _seeded_model(spec.seed, lambda: nn.Linear(d, 1))
+            model = seeded_model(spec.seed, lambda: nn.Linear(d, 1))
             splits = {name: {"x": x[i], "y": y[i]} for name, i in idx.items()}
             return Task(spec, model, splits, _mse_loss)
         y = (score > 0).long()
-        model = _seeded_model(spec.seed, lambda: nn.Linear(d, 2))
+        model = seeded_model(spec.seed, lambda: nn.Linear(d, 2))
         splits = {name: {"x": x[i], "y": y[i]} for name, i in idx.items()}
-        return Task(spec, model, splits, _classify_loss, _forward_x, classification_metrics, 2)
+        return Task(spec, model, splits, classify_x, forward_x, classification_metrics, 2)
 
 
 register_task_family("linear_regression")(functools.partial(_LinearTeacherFamily, "linear"))
@@ -290,5 +278,5 @@ class TeacherStudentFamily:
         y = y + float(o["noise"]) * torch.randn(y.shape, generator=g)
         idx = split_indices(self.examples, FRACTIONS, spec.seed, fixed_test_seed=spec.seed)
         splits = {name: {"x": x[i], "y": y[i]} for name, i in idx.items()}
-        model = _seeded_model(spec.seed, lambda: mlp(d, 1, int(o["width"]), int(o["depth"]), str(o["activation"])))
+        model = seeded_model(spec.seed, lambda: mlp(d, 1, int(o["width"]), int(o["depth"]), str(o["activation"])))
         return Task(spec, model, splits, _mse_loss)

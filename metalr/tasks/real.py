@@ -41,8 +41,11 @@ from metalr.tasks.base import (
     TaskSpec,
     choice,
     classification_metrics,
+    classify_x,
+    forward_x,
     log_uniform,
     sample_common,
+    seeded_model,
 )
 from metalr.tasks.registry import register_task_family
 
@@ -112,20 +115,6 @@ class Reference:
 
 # ----------------------------------------------------------------------------------------------------------
 # Losses, forward functions, metrics (module level so built tasks pickle for process-pool executors).
-
-
-def _seeded(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory()
-
-
-def _forward_x(model_call: ModelCall, batch: Batch) -> Tensor:
-    return model_call(batch["x"])
-
-
-def _classify_x(model_call: ModelCall, batch: Batch) -> Tensor:
-    return F.cross_entropy(model_call(batch["x"]), batch["y"])
 
 
 def _forward_text(model_call: ModelCall, batch: Batch) -> Tensor:
@@ -260,8 +249,8 @@ def build_image_task(spec: TaskSpec) -> Task:
     }
     if arch not in factories:
         raise ValueError(f"unknown image architecture {arch!r}; expected one of {sorted(factories)}")
-    model = _seeded(spec.seed, factories[arch])
-    task = Task(spec, model, splits, _classify_x, _forward_x, classification_metrics, k)
+    model = seeded_model(spec.seed, factories[arch])
+    task = Task(spec, model, splits, classify_x, forward_x, classification_metrics, k)
     return _attach_split_metrics(task, "classification")
 
 
@@ -306,7 +295,7 @@ def build_text_task(spec: TaskSpec) -> Task:
         raise ValueError(
             f"unknown text architecture {arch!r}; expected lstm, bilstm, {', '.join(text.ENCODER_KINDS)}"
         )
-    model = _seeded(spec.seed, factory)
+    model = seeded_model(spec.seed, factory)
     task = Task(spec, model, splits, _classify_text, _forward_text, classification_metrics, k)
     return _attach_split_metrics(task, "classification")
 
@@ -332,7 +321,7 @@ def build_qa_task(spec: TaskSpec) -> Task:
             int(tokenizer.cls_token_id or 2), int(tokenizer.sep_token_id or 3),
         )  # fmt: skip
         factory = functools.partial(text.encoder_question_answerer, config=config)
-    model = _seeded(spec.seed, factory)
+    model = seeded_model(spec.seed, factory)
     metrics = functools.partial(_qa_metrics, data.contexts, data.answers)
     task = Task(spec, model, splits, _qa_loss, _forward_qa, metrics)
     return _attach_split_metrics(task, "qa")
@@ -348,7 +337,7 @@ def build_lm_task(spec: TaskSpec) -> Task:
     splits = _train_valid_test(
         language_model_splits(o["dataset"], o.get("data_dir"), vocab, int(o["block"])), o, spec.seed
     )
-    model = _seeded(
+    model = seeded_model(
         spec.seed,
         lambda: text.gpt2_lm(
             len(tokenizer),
@@ -379,8 +368,8 @@ def build_tabular_task(spec: TaskSpec) -> Task:
         factory = functools.partial(tabular_mlp, in_dim, 2, o["width"], o["depth"], dropout, batch_norm)
     else:
         raise ValueError(f"unknown tabular architecture {o['arch']!r}; expected 'mlp' or 'logreg'")
-    model = _seeded(spec.seed, factory)
-    task = Task(spec, model, splits, _classify_x, _forward_x, classification_metrics, 2)
+    model = seeded_model(spec.seed, factory)
+    task = Task(spec, model, splits, classify_x, forward_x, classification_metrics, 2)
     return _attach_split_metrics(task, "classification")
 
 
