@@ -254,6 +254,16 @@ def build_image_task(spec: TaskSpec) -> Task:
     return _attach_split_metrics(task, "classification")
 
 
+def _encoder_config(o: Mapping[str, Any], tokenizer: Any) -> Any:
+    """A from-scratch encoder config (BERT / RoBERTa, by ``o["arch"]``) sized by the options and the tokenizer."""
+    from metalr.tasks.models import text
+
+    return text.encoder_config(
+        o["arch"], len(tokenizer), o["hidden"], o["layers"], o["heads"], None, int(o["max_length"]), o.get("dropout", 0.1),
+        int(tokenizer.pad_token_id or 0), int(tokenizer.cls_token_id or 2), int(tokenizer.sep_token_id or 3),
+    )  # fmt: skip
+
+
 def build_text_task(spec: TaskSpec) -> Task:
     from metalr.tasks.datasets.tensors import dataset_tokenizer, text_classification_splits, text_data
     from metalr.tasks.models import text
@@ -286,11 +296,7 @@ def build_text_task(spec: TaskSpec) -> Task:
         if model_path is not None:
             factory = functools.partial(text.encoder_classifier, k, model_path=model_path)
         else:
-            config = text.encoder_config(
-                arch, len(tokenizer), o["hidden"], o["layers"], o["heads"], None, int(o["max_length"]), o.get("dropout", 0.1), pad,
-                int(tokenizer.cls_token_id or 2), int(tokenizer.sep_token_id or 3),
-            )  # fmt: skip
-            factory = functools.partial(text.encoder_classifier, k, config=config)
+            factory = functools.partial(text.encoder_classifier, k, config=_encoder_config(o, tokenizer))
     else:
         raise ValueError(
             f"unknown text architecture {arch!r}; expected lstm, bilstm, {', '.join(text.ENCODER_KINDS)}"
@@ -315,12 +321,7 @@ def build_qa_task(spec: TaskSpec) -> Task:
             text.encoder_question_answerer, model_path=model_path
         )
     else:
-        pad = int(tokenizer.pad_token_id or 0)
-        config = text.encoder_config(
-            o["arch"], len(tokenizer), o["hidden"], o["layers"], o["heads"], None, int(o["max_length"]), o.get("dropout", 0.1), pad,
-            int(tokenizer.cls_token_id or 2), int(tokenizer.sep_token_id or 3),
-        )  # fmt: skip
-        factory = functools.partial(text.encoder_question_answerer, config=config)
+        factory = functools.partial(text.encoder_question_answerer, config=_encoder_config(o, tokenizer))
     model = seeded_model(spec.seed, factory)
     metrics = functools.partial(_qa_metrics, data.contexts, data.answers)
     task = Task(spec, model, splits, _qa_loss, _forward_qa, metrics)
