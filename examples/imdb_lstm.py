@@ -19,7 +19,7 @@ from metalr import LearnedLR, load_controller
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data-dir", default=os.environ.get("METALR_DATA_DIR", "data"))
-parser.add_argument("--controller", default="demo", help="shipped controller name or .safetensors path")
+parser.add_argument("--controller", default="adam-cpu", help="shipped controller name or .safetensors path")
 parser.add_argument("--steps", type=int, default=600, help="optimizer steps (batches of --batch-size)")
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--lr", type=float, default=2e-3, help="base LR the controller scales")

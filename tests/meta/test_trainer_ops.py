@@ -183,3 +183,15 @@ def test_full_estimator_with_too_long_horizons_stops_with_a_clear_message(tmp_pa
     config = _config({"estimator": "full", "max_full_horizon": 50}, train_overrides={"steps": [100, 200]})
     with pytest.raises(MetaTrainingError, match="meta.max_full_horizon=50"):
         meta_train(config, tmp_path, progress=False)
+
+
+def test_validation_and_probe_tasks_follow_the_recipe_overrides(tmp_path: Path) -> None:
+    # A recipe for one optimizer family must select its checkpoints on that family, not on the suite's.
+    from metalr.meta.trainer import MetaTrainer
+
+    overrides = {"optimizers": ["adam"], "lr_ranges": {"adam": [1e-3, 2e-3]}, "steps": [20, 30]}
+    config = _config({"probe_every": 1, "probe_tasks": 2}, train_overrides=overrides)
+    trainer = MetaTrainer(config, tmp_path / "run", progress=False)
+    specs = trainer.valid_specs + trainer.probe_specs
+    assert {s.family for s in trainer.valid_specs} == {"logistic_regression"}  # the embedded meta_valid
+    assert specs and all(s.optimizer == "adam" and 1e-3 <= s.base_lr <= 2e-3 and 20 <= s.steps <= 30 for s in specs)

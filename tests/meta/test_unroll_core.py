@@ -142,3 +142,29 @@ def test_meta_training_lowers_the_meta_objective_on_held_out_tasks(tmp_path) -> 
     trained = meta_train(config, tmp_path, progress=False)
     after = meta_validate(trained, held_out)
     assert after < before - 0.02, (before, after)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_meta_gradient_is_finite_where_a_gradient_is_exactly_zero(optimizer: str) -> None:
+    # A dead ReLU unit (or an embedding row no batch has used) has gradient exactly 0, so Adam's v is 0 and
+    # d sqrt(v)/dv is infinite: the meta-gradient became NaN on every MNIST CNN and LSTM task with Adam.
+    from metalr.meta.inner import INNER_OPTIMIZERS, InnerHyper
+
+    log_lr = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    inner = INNER_OPTIMIZERS[optimizer](InnerHyper())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 2, generator=generator, dtype=torch.float64)  # positive inputs
+    y = torch.randn(8, 1, generator=generator, dtype=torch.float64)
+    w1 = torch.tensor([[1.0, 0.5, -1.0], [0.3, 1.0, -2.0]], dtype=torch.float64)  # hidden unit 2 is dead
+    w2 = torch.randn(3, 1, generator=generator, dtype=torch.float64)
+    params: tuple[torch.Tensor, ...] = (w1.requires_grad_(), w2.requires_grad_())
+    state = inner.init(params)
+
+    def loss(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return ((torch.relu(x @ p[0]) @ p[1] - y) ** 2).mean()  # w2's row 2 gets gradient exactly 0
+
+    for _ in range(3):
+        grads = torch.autograd.grad(loss(params), params, create_graph=True)
+        params, state = inner.update(grads, state, params, log_lr.exp())
+    (meta_grad,) = torch.autograd.grad(loss(params), log_lr)
+    assert torch.isfinite(meta_grad) and meta_grad != 0

@@ -1,0 +1,119 @@
+"""The acceptance table of a shipped controller (issue 8), computed from an evaluation's results.jsonl.
+
+    .venv/bin/python bench/controller_targets.py runs/eval-cpu-heldout adam-cpu sgd-cpu
+
+One row per target, one column per controller label; every figure comes from the records through the same
+:class:`metalr.evaluation.metrics.Analysis` the report uses (medians over seeds, targets = tuned cosine's
+median final ``inner_valid`` loss, default LR = the task's own). ``pass`` / ``miss`` compare against the
+thresholds of the issue; nothing is tuned here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from metalr.evaluation.metrics import Analysis, final_test, final_valid_loss, is_diverged
+from metalr.evaluation.report import load_records
+from metalr.evaluation.statistics import finite_median
+
+ADAM_FAMILY = ("adam", "adamw")
+SELF_TUNING_RIVALS = ("schedulefree", "prodigy", "hypergradient")
+
+
+def _mark(ok: bool) -> str:
+    return "pass" if ok else "miss"
+
+
+def reached_fraction(analysis: Analysis, method: str) -> tuple[str, bool]:
+    reached, total = analysis.reached(method), len(analysis.tasks)
+    return f"{reached}/{total} tasks", reached >= 0.8 * total
+
+
+def steps_vs_tuned_cosine(analysis: Analysis, method: str) -> tuple[str, bool]:
+    speedup, tasks = analysis.speedup(method, "tuned")
+    if not tasks:
+        return "no task reached by both", False
+    ratio = 1 / speedup
+    return f"{ratio:.3g}x tuned cosine's steps (geo-mean over {tasks} tasks)", ratio <= 1.0
+
+
+def beats_default_cosine(analysis: Analysis, method: str) -> tuple[str, bool]:
+    wins = pairs = 0
+    for task in analysis.tasks:
+        cosine = {int(r["seed"]): r for r in analysis.runs(task, "cosine", 1.0, "default")}
+        for record in analysis.reported_runs(task, method):
+            other = cosine.get(int(record["seed"]))
+            if other is not None:
+                pairs += 1
+                wins += final_test(record) < final_test(other)
+    return f"{wins}/{pairs} task x seed pairs ({wins / max(pairs, 1):.0%}, final test loss)", wins >= 0.9 * pairs
+
+
+def lr_robustness(analysis: Analysis, method: str, low: float = 1e-4, high: float = 1e-2) -> tuple[str, bool]:
+    """Worst median final valid loss over the Adam-family grid points in [low, high], relative to the
+    tuned-cosine optimum of each task, plus diverged runs; constant and cosine at the same LRs beside it."""
+    parts = []
+    ok = True
+    for name in (method, "constant", "cosine"):
+        worst, diverged, runs = 0.0, 0, 0
+        for task in analysis.tasks:
+            grid = [
+                r
+                for r in analysis.grid_runs(task, name)
+                if r["optimizer"] in ADAM_FAMILY and low * (1 - 1e-9) <= float(r["lr"]) <= high * (1 + 1e-9)
+            ]
+            if not grid:
+                continue
+            optimum = analysis.target(task)
+            for lr in sorted({float(r["lr"]) for r in grid}):
+                median = finite_median([final_valid_loss(r) for r in grid if float(r["lr"]) == lr])
+                worst = max(worst, median / optimum if math.isfinite(median) else math.inf)
+            diverged += sum(is_diverged(r, analysis.protocol.divergence_ratio) for r in grid)
+            runs += len(grid)
+        if not runs:
+            return "no Adam-family grid runs", False
+        parts.append(f"{name}: worst {worst:.3g}x, {diverged}/{runs} diverged")
+        if name == method:
+            ok = worst <= 1.10 and diverged == 0
+    return "; ".join(parts), ok
+
+
+def score_vs_rivals(analysis: Analysis, method: str) -> tuple[str, bool]:
+    scores = analysis.scores()
+    rivals = {r: scores[r] for r in SELF_TUNING_RIVALS if r in scores}
+    text = f"{scores[method]:.3f} vs " + ", ".join(f"{r} {s:.3f}" for r, s in rivals.items())
+    return text, bool(rivals) and all(scores[method] > s for s in rivals.values())
+
+
+TARGETS = {
+    "reaches the tuned-cosine target on >= 80% of tasks": reached_fraction,
+    "geo-mean steps-to-target <= 1.0x tuned cosine": steps_vs_tuned_cosine,
+    "beats default-LR cosine on >= 90% of task x seed pairs": beats_default_cosine,
+    "Adam family, base LR 1e-4..1e-2: within 10% of the tuned-cosine optimum, 0 diverged": lr_robustness,
+    "AlgoPerf-style score above Schedule-Free, Prodigy, hypergradient": score_vs_rivals,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="an evaluation directory (holds results.jsonl)")
+    parser.add_argument("methods", nargs="+", help="controller labels in the evaluation, e.g. adam-cpu")
+    args = parser.parse_args()
+    analysis = Analysis(load_records(args.run_dir / "results.jsonl"))
+    missing = [m for m in args.methods if m not in analysis.methods]
+    if missing:
+        parser.error(f"no runs of {missing} in {args.run_dir}; it has {analysis.methods}")
+    print("| target | " + " | ".join(args.methods) + " |")
+    print("|---|" + "---|" * len(args.methods))
+    for name, check in TARGETS.items():
+        cells = []
+        for method in args.methods:
+            text, ok = check(analysis, method)
+            cells.append(f"**{_mark(ok)}**: {text}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
