@@ -244,6 +244,7 @@ def _ddp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
                 losses.append(float(loss))
             results[str(sync_loss)] = {"lrs": lrs, "losses": losses}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other is still inside it
     finally:
         dist.destroy_process_group()
 

@@ -131,6 +131,7 @@ def _worker(rank: int, world_size: int, init_file: str, out: str, config: dict) 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         meta_train(build_config(MetaTrainConfig, config), out, progress=False)
+        dist.barrier()  # no rank tears gloo down while the other is still inside it (a rare SIGABRT in CI)
     finally:
         dist.destroy_process_group()
 
