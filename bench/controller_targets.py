@@ -14,9 +14,8 @@ import argparse
 import math
 from pathlib import Path
 
-from metalr.evaluation.metrics import Analysis, final_test, final_valid_loss, is_diverged
+from metalr.evaluation.metrics import Analysis, final_test, is_diverged
 from metalr.evaluation.report import load_records
-from metalr.evaluation.statistics import finite_median
 
 ADAM_FAMILY = ("adam", "adamw")
 SELF_TUNING_RIVALS = ("schedulefree", "prodigy", "hypergradient")
@@ -54,21 +53,19 @@ def beats_default_cosine(analysis: Analysis, method: str) -> tuple[str, bool]:
 def lr_robustness(analysis: Analysis, method: str, low: float = 1e-4, high: float = 1e-2) -> tuple[str, bool]:
     """Worst median final valid loss over the Adam-family grid points in [low, high], relative to the
     tuned-cosine optimum of each task, plus diverged runs; constant and cosine at the same LRs beside it."""
+    def in_range(lr: float) -> bool:
+        return low * (1 - 1e-9) <= lr <= high * (1 + 1e-9)
+
     parts = []
     ok = True
     for name in (method, "constant", "cosine"):
         worst, diverged, runs = 0.0, 0, 0
         for task in analysis.tasks:
-            grid = [
-                r
-                for r in analysis.grid_runs(task, name)
-                if r["optimizer"] in ADAM_FAMILY and low * (1 - 1e-9) <= float(r["lr"]) <= high * (1 + 1e-9)
-            ]
+            grid = [r for r in analysis.grid_runs(task, name) if r["optimizer"] in ADAM_FAMILY and in_range(float(r["lr"]))]
             if not grid:
                 continue
             optimum = analysis.target(task)
-            for lr in sorted({float(r["lr"]) for r in grid}):
-                median = finite_median([final_valid_loss(r) for r in grid if float(r["lr"]) == lr])
+            for _, median in filter(lambda point: in_range(point[0]), analysis.sensitivity_curve(task, name)):
                 worst = max(worst, median / optimum if math.isfinite(median) else math.inf)
             diverged += sum(is_diverged(r, analysis.protocol.divergence_ratio) for r in grid)
             runs += len(grid)

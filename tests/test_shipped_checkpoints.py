@@ -14,6 +14,7 @@ from metalr import load_controller
 from metalr.checkpoint import list_shipped, read_metadata, resolve_checkpoint
 from metalr.scheduler import LearnedLR
 from metalr.tasks import build_task, create_task_family
+from metalr.tasks.optimizers import make_torch_optimizer
 
 SHIPPED = list_shipped()
 CARDS = (Path(__file__).resolve().parent.parent / "checkpoints" / "README.md").read_text()
@@ -38,9 +39,7 @@ def test_shipped_controller_runs_20_steps_on_an_embedded_task(name: str, optimiz
     spec = create_task_family("digits_mlp").sample(torch.Generator().manual_seed(3))
     task = build_task(dataclasses.replace(spec, optimizer=optimizer, base_lr=base_lr, steps=20))
     model = task.model
-    opt_class = {"adam": torch.optim.Adam, "momentum": torch.optim.SGD}[optimizer]
-    kwargs = {"momentum": 0.9} if optimizer == "momentum" else {}
-    optimizer_ = opt_class(model.parameters(), lr=base_lr, **kwargs)
+    optimizer_ = make_torch_optimizer(optimizer, model.parameters(), base_lr)
     scheduler = LearnedLR(optimizer_, controller, total_steps=20)
     batches = task.batches("train")
     policy = controller.policy

@@ -150,30 +150,19 @@ def test_tuning_selects_on_inner_valid_median_never_on_test() -> None:
     records = []
     for seed, (good, bad) in enumerate([(0.30, 0.35), (0.31, 0.20), (0.29, 0.36)]):
         # lr 0.01 has the better median validation loss but a much worse test loss.
-        records.append(
-            record(
-                "A",
-                "cosine",
-                [1, 0.8, 0.6, 0.4, good],
-                seed=seed,
-                lr=0.01,
-                source="grid",
-                test_loss=5.0,
-                protocol=protocol,
+        for final, lr, test_loss in ((good, 0.01, 5.0), (bad, 0.1, 0.01)):
+            records.append(
+                record(
+                    "A",
+                    "cosine",
+                    [1, 0.8, 0.6, 0.4, final],
+                    seed=seed,
+                    lr=lr,
+                    source="grid",
+                    test_loss=test_loss,
+                    protocol=protocol,
+                )
             )
-        )
-        records.append(
-            record(
-                "A",
-                "cosine",
-                [1, 0.8, 0.6, 0.4, bad],
-                seed=seed,
-                lr=0.1,
-                source="grid",
-                test_loss=0.01,
-                protocol=protocol,
-            )
-        )
     assert select_lr(records) == 0.01
     analysis = Analysis(records)
     runs, lr = analysis.reported("A", "cosine")
