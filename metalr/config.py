@@ -73,6 +73,7 @@ class MetaConfig:
     max_full_horizon: int = 300  # estimator "full" refuses tasks with a longer horizon (inner steps)
     es_sigma: float = 0.01  # ES/PES perturbation std of the controller weights
     es_pairs: int = 4  # ES/PES antithetic perturbation pairs per task and truncation
+    vectorize: bool = True  # ES/PES: unroll all particles of a truncation as one torch.func.vmap (False: in turn)
     valid_every: int = 10  # inner steps between inner_valid measurements (validation feature, if enabled)
     memory_budget_mb: float = 0.0  # refuse a task whose unroll is estimated above this (MiB; 0 = no limit)
     max_refused: int = 50  # stop when this many consecutive sampled tasks were refused by the memory budget

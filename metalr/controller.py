@@ -19,14 +19,19 @@ explode, and the zero-initialised head makes an untrained controller exactly its
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
-from metalr.features import FeatureSpec, FeatureState, Observation, compute_features, detach_state
+from metalr.features import FeatureSpec, FeatureState, Observation, compute_features, init_feature_state
 from metalr.schedules import BASE_SCHEDULES
+
+NetFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,15 @@ class LSTMNet(nn.Module):
         return like.new_zeros(2, self.cell.hidden_size)
 
     def forward(self, features: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        h, c = self.cell(features.unsqueeze(0), (hidden[0:1], hidden[1:2]))
-        return self.head(h).reshape(()), torch.cat([h, c])
+        # nn.LSTMCell's equations written out with its own weights: aten::lstm_cell has no vmap batching rule,
+        # and ES/PES run the controller of every particle in one vmap.
+        cell = self.cell
+        h, c = hidden[0], hidden[1]
+        gates = features @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+        i, f, g, o = gates.chunk(4)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return self.head(h).reshape(()), torch.stack([h, c])
 
 
 NETWORKS: dict[str, type[MLPNet] | type[LSTMNet]] = {"mlp": MLPNet, "lstm": LSTMNet}
@@ -137,19 +149,43 @@ class ArchConfig:
 
 
 class PolicyState(NamedTuple):
-    """Everything a running policy carries between steps."""
+    """Everything a running policy carries between steps (a pytree of tensors: one ``tree_map`` detaches,
+    stacks or saves it)."""
 
     features: FeatureState
     log_factor: Tensor  # log of the learned multiplier of base_lr * base_schedule
     hidden: Tensor  # recurrent state (empty for the MLP)
 
 
+def policy_update(
+    spec: FeatureSpec, policy: PolicyConfig, net: NetFn, state: PolicyState, obs: Observation
+) -> tuple[Tensor, PolicyState]:
+    """One step of the policy as a pure function of its inputs: ``(log_factor_next, next_state)``.
+
+    ``net`` maps ``(features, hidden)`` to ``(u, hidden)``: the controller's network called directly
+    (deployment) or through ``functional_call`` with weights ``theta`` (meta-training, ES/PES particles).
+    """
+    features, fstate = compute_features(spec, state.features, obs)
+    u, hidden = net(features, state.hidden)
+    delta = (policy.max_log_step * torch.tanh(u)).to(state.log_factor.dtype)
+    log_factor = (state.log_factor + delta).clamp(math.log(policy.min_factor), math.log(policy.max_factor))
+    # Guardrail: cut at once when the step diverged; part of the policy, so meta-training learns with it.
+    log_factor = log_factor - fstate.alarm * math.log(policy.guard_cut)
+    log_factor = log_factor.clamp_min(math.log(policy.min_factor))
+    return log_factor, PolicyState(fstate, log_factor, hidden)
+
+
 class LRController(nn.Module):
     """A complete LR policy: feature spec + policy config + network.
 
+    The policy is a pure function of the network weights ``theta``: :meth:`init` builds the state for a
+    model's parameters and :meth:`apply` advances it one step with the given weights (a ``dict`` of
+    tensors, e.g. perturbed or batched under ``torch.func.vmap``). :meth:`step` is :meth:`apply` with the
+    controller's own weights.
+
     Example:
-        >>> controller = LRController()                      # untrained: behaves like a constant LR
-        >>> state = controller.initial_state(list(model.parameters()))
+        >>> controller = LRController()                      # untrained: behaves like its base schedule
+        >>> state = controller.init(list(model.parameters()))
     """
 
     def __init__(
@@ -175,28 +211,40 @@ class LRController(nn.Module):
             "policy": asdict(self.policy),
         }
 
-    def initial_state(self, params: list[Tensor]) -> PolicyState:
-        from metalr.features import init_feature_state
+    def theta(self) -> dict[str, Tensor]:
+        """The network weights as a ``dict`` (the keys :meth:`apply` takes)."""
+        return dict(self.net.named_parameters())
 
+    def init(self, params: Sequence[Tensor]) -> PolicyState:
+        """State before the first step of training ``params`` (theta_0)."""
         fstate = init_feature_state(self.feature_spec, params)
         return PolicyState(fstate, torch.zeros_like(fstate.step), self.net.initial_hidden(fstate.step))
 
+    def apply(  # type: ignore[override]  # nn.Module.apply(fn) is not used on controllers
+        self, theta: Mapping[str, Tensor], state: PolicyState, obs: Observation
+    ) -> tuple[Tensor, PolicyState]:
+        """Observe one step with network weights ``theta``; returns ``(log_factor_next, next_state)``."""
+        weights = dict(theta)
+
+        def net(features: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+            dtype = next(iter(weights.values())).dtype
+            return functional_call(self.net, weights, (features.to(dtype), hidden))
+
+        return policy_update(self.feature_spec, self.policy, net, state, obs)
+
     def step(self, state: PolicyState, obs: Observation) -> tuple[Tensor, PolicyState]:
-        """Observe one step, return ``(log_factor_next, next_state)``.
+        """Observe one step with the controller's own weights, return ``(log_factor_next, next_state)``.
 
         The LR for the next step is ``policy.clamp_lr(base_lr * policy.lr_scale(log_factor, t + 1, T))``.
         """
-        features, fstate = compute_features(self.feature_spec, state.features, obs)
-        features = features.to(next(self.net.parameters()).dtype)
-        u, hidden = self.net(features, state.hidden)
-        p = self.policy
-        delta = (p.max_log_step * torch.tanh(u)).to(state.log_factor.dtype)
-        log_factor = (state.log_factor + delta).clamp(math.log(p.min_factor), math.log(p.max_factor))
-        # Guardrail: cut at once when the step diverged; part of the policy, so meta-training learns with it.
-        log_factor = log_factor - fstate.alarm * math.log(p.guard_cut)
-        log_factor = log_factor.clamp_min(math.log(p.min_factor))
-        return log_factor, PolicyState(fstate, log_factor, hidden)
+        dtype = self.net.head.weight.dtype
+
+        def net(features: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+            return self.net(features.to(dtype), hidden)
+
+        return policy_update(self.feature_spec, self.policy, net, state, obs)
 
 
 def detach_policy_state(state: PolicyState) -> PolicyState:
-    return PolicyState(detach_state(state.features), state.log_factor.detach(), state.hidden.detach())
+    """Cut the autograd history (truncation boundary of an unroll)."""
+    return tree_map(lambda t: t.detach(), state)

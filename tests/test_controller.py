@@ -10,18 +10,20 @@ import torch
 from metalr.controller import ArchConfig, LRController, PolicyConfig
 from metalr.features import Observation
 
-NAN = torch.tensor(float("nan"))
-
-
 def _obs(loss: float, params) -> Observation:
-    return Observation(torch.tensor(loss), [torch.ones_like(p) for p in params], params, torch.tensor(0.1), torch.tensor(1.0), torch.tensor(100.0), NAN, NAN, NAN)
+    grads = [torch.ones_like(p) for p in params]
+    obs, _ = Observation.of_step(
+        torch.tensor(loss), grads, params, params, [torch.zeros_like(p) for p in params],
+        lr=torch.tensor(0.1), lr_rel=torch.tensor(1.0), total_steps=torch.tensor(100.0),
+    )
+    return obs
 
 
 @pytest.mark.parametrize("kind,hidden", [("mlp", (64, 32)), ("lstm", (32,))])
 def test_untrained_controller_keeps_the_base_lr(kind: str, hidden: tuple[int, ...]) -> None:
     controller = LRController(arch=ArchConfig(kind, hidden))
     params = [torch.zeros(3)]
-    state = controller.initial_state(params)
+    state = controller.init(params)
     for i in range(10):
         log_factor, state = controller.step(state, _obs(1.0 / (i + 1), params))
         assert float(log_factor) == 0.0
@@ -40,7 +42,7 @@ def test_per_step_change_and_factor_are_bounded_for_any_network_output(sign: flo
     with torch.no_grad():
         controller.net.head.bias.fill_(sign * 1e6)  # saturate the output
     params = [torch.zeros(3)]
-    state = controller.initial_state(params)
+    state = controller.init(params)
     previous = 0.0
     for _ in range(100):
         log_factor, state = controller.step(state, _obs(1.0, params))
@@ -53,7 +55,7 @@ def test_per_step_change_and_factor_are_bounded_for_any_network_output(sign: flo
 def test_guardrail_cuts_the_lr_at_once_when_the_loss_explodes() -> None:
     controller = LRController(policy=PolicyConfig(guard_cut=10.0))
     params = [torch.zeros(3)]
-    state = controller.initial_state(params)
+    state = controller.init(params)
     for _ in range(5):
         log_factor, state = controller.step(state, _obs(1.0, params))
     log_factor, state = controller.step(state, _obs(1e6, params))

@@ -98,12 +98,16 @@ def test_state_dict_round_trip_continues_the_same_trajectory() -> None:
     assert resumed == reference
 
 
-def test_state_dict_rejects_other_parameter_shapes() -> None:
-    optimizer = torch.optim.SGD(tiny_model().parameters(), lr=0.1)
+def test_state_dict_rejects_other_param_groups_and_other_versions() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = LearnedLR(optimizer, active_controller(), total_steps=5).state_dict()
-    other = torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="shapes"):
+    other = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
+    with pytest.raises(ValueError, match="saved for 1 param groups, this optimizer has 2"):
         LearnedLR(other, active_controller(), total_steps=5).load_state_dict(state)
+    old = {**state, "feature_state": {**state["feature_state"], "grad_mean": []}}
+    with pytest.raises(ValueError, match=r"not a LearnedLR state of this version.*feature format 2"):
+        LearnedLR(optimizer, active_controller(), total_steps=5).load_state_dict(old)
 
 
 def test_param_groups_scale_from_their_own_initial_lr() -> None:

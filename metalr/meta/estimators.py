@@ -1,8 +1,9 @@
 """Meta-gradient estimators behind one interface.
 
-An estimator takes the controller, one :class:`~metalr.meta.unroll.InnerRun`, a truncation length and a
-noise seed, and returns an estimate of the gradient of the meta-objective with respect to the controller's
-parameters, the (undifferentiated) meta-loss, and the advanced run. Registered by name in
+An estimator owns its state (``init(controller, run)``; PES keeps its particles there) and, called with the
+controller, one :class:`~metalr.meta.unroll.InnerRun`, that state, a truncation length and a noise seed,
+returns an :class:`Estimate` of the gradient of the meta-objective with respect to the controller's
+parameters, the (undifferentiated) meta-loss, the advanced run and its next state. Registered by name in
 :data:`ESTIMATORS`; a recipe picks one with ``meta.estimator``:
 
 * ``tbptt``: truncated backprop through the K-step unroll (exact gradient of the truncation; biased towards
@@ -16,10 +17,11 @@ parameters, the (undifferentiated) meta-loss, and the advanced run. Registered b
   particle keeps its own inner state across truncations and accumulates its noise, which makes the sum of
   per-truncation estimates an unbiased estimate of the smoothed *full-horizon* gradient.
 
-ES and PES run the unroll with ``differentiable=False`` and evaluate perturbed controllers through
-``torch.func.functional_call`` (the weights are swapped in for the duration of the unroll; nothing is
-copied or modified in place). Frozen controller parameters (``requires_grad=False``) are neither perturbed
-nor given a gradient.
+ES and PES evaluate perturbed controllers by passing the perturbed weights ``theta`` to the one unroll
+loop (:func:`~metalr.meta.unroll.unroll`), first-order (``torch.func.grad``, no graph). With
+``meta.vectorize`` (the default) all particles of a truncation run as one ``torch.func.vmap``-ed unroll;
+otherwise one after another (the reference the vectorised estimate is tested against). Frozen controller
+parameters (``requires_grad=False``) are neither perturbed nor given a gradient.
 """
 
 from __future__ import annotations
@@ -27,17 +29,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from metalr.config import MetaConfig
-from metalr.controller import LRController, PolicyState
-from metalr.meta.unroll import InnerRun, UnrollResult, unroll
-
-UnrollFn = Callable[..., UnrollResult]
+from metalr.controller import LRController
+from metalr.meta.unroll import NATIVE, Backend, Carry, InnerRun, UnrollResult, unroll
 
 
 class EstimatorError(ValueError):
@@ -52,23 +52,32 @@ class Estimate:
     lrs: list[float]
     alarms: int  # divergence-guard events in the truncation (summed over particles for ES/PES)
     steps: int = 0  # inner steps the truncation advanced the run
+    state: Any = ()  # the estimator's state for this run's next truncation
 
 
 class Estimator(Protocol):
     full_horizon: bool  # True: every run must start at step 0 and is unrolled to its end (no staggering)
 
-    def __call__(self, controller: LRController, run: InnerRun, length: int, seed: int = 0) -> Estimate: ...
+    def init(self, controller: LRController, run: InnerRun) -> Any:
+        """The estimator's state for a fresh run (a pytree of tensors, or ``()``)."""
+        ...
+
+    def __call__(
+        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
+    ) -> Estimate:
+        """One truncation of ``length`` steps from ``run`` with this run's ``state`` (from :meth:`init`)."""
+        ...
 
 
-def get_unroll(backend: str) -> UnrollFn:
-    """The unroll implementation of a backend (``native`` or ``higher``)."""
-    if backend == "native":
-        return unroll
-    if backend == "higher":
-        from metalr.meta.higher_backend import higher_unroll
+def get_backend(name: str) -> Backend:
+    """The inner-update backend of a recipe's ``meta.backend`` (``native`` or ``higher``)."""
+    if name == "native":
+        return NATIVE
+    if name == "higher":
+        from metalr.meta.higher_backend import HIGHER
 
-        return higher_unroll
-    raise EstimatorError(f"unknown meta.backend {backend!r}; expected 'native' or 'higher'")
+        return HIGHER
+    raise EstimatorError(f"unknown meta.backend {name!r}; expected 'native' or 'higher'")
 
 
 def _grads_or_zeros(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, ...]:
@@ -93,10 +102,13 @@ class TruncatedBackprop:
     full_horizon = False  # the trainer staggers runs across the horizon
 
     def __post_init__(self) -> None:
-        self.unroll_fn = get_unroll(self.config.backend)
+        self.backend = get_backend(self.config.backend)
+
+    def init(self, controller: LRController, run: InnerRun) -> Any:
+        return ()
 
     def _backprop(self, controller: LRController, run: InnerRun, length: int) -> Estimate:
-        result = self.unroll_fn(
+        result = unroll(
             controller,
             run,
             length,
@@ -104,6 +116,7 @@ class TruncatedBackprop:
             detach_features=self.config.detach_features,
             objective_every=self.config.objective_every,
             valid_every=self.config.valid_every,
+            backend=self.backend,
         )
         meta_loss = float(result.meta_loss.detach())
         if math.isfinite(meta_loss) and result.meta_loss.requires_grad:
@@ -115,7 +128,9 @@ class TruncatedBackprop:
             )
         return Estimate(grads, meta_loss, result.run.detached(), result.lrs, result.alarms, len(result.lrs))
 
-    def __call__(self, controller: LRController, run: InnerRun, length: int, seed: int = 0) -> Estimate:
+    def __call__(
+        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
+    ) -> Estimate:
         return self._backprop(controller, run, length)
 
 
@@ -129,7 +144,9 @@ class FullBackprop(TruncatedBackprop):
 
     full_horizon = True
 
-    def __call__(self, controller: LRController, run: InnerRun, length: int, seed: int = 0) -> Estimate:
+    def __call__(
+        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
+    ) -> Estimate:
         horizon = run.task.spec.steps
         if horizon > self.config.max_full_horizon:
             raise EstimatorError(
@@ -140,39 +157,34 @@ class FullBackprop(TruncatedBackprop):
         return self._backprop(controller, run, horizon - run.step)
 
 
-class _Unroller(nn.Module):
-    """Wraps the controller so ``functional_call`` can swap perturbed weights in for a whole unroll."""
-
-    def __init__(self, controller: LRController, unroll_fn: UnrollFn, config: MetaConfig) -> None:
-        super().__init__()
-        self.controller = controller
-        self.unroll_fn = unroll_fn
-        self.config = config
-
-    def forward(self, run: InnerRun, length: int) -> UnrollResult:
-        return self.unroll_fn(
-            self.controller,
-            run,
-            length,
-            differentiable=False,
-            objective_every=self.config.objective_every,
-            valid_every=self.config.valid_every,
-        )
+def _trainable(controller: LRController) -> dict[str, Tensor]:
+    return {n: p.detach() for n, p in controller.theta().items() if p.requires_grad}
 
 
-def _trainable(controller: LRController) -> list[tuple[str, Tensor]]:
-    return [(f"controller.{n}", p) for n, p in controller.named_parameters() if p.requires_grad]
-
-
-def _noise(params: Sequence[Tensor], sigma: float, generator: torch.Generator) -> tuple[Tensor, ...]:
+def _noise(theta: dict[str, Tensor], sigma: float, generator: torch.Generator) -> dict[str, Tensor]:
     # Drawn on the CPU in float64 from a per-(seed, slot, meta-step) generator: the same noise on any
     # device and for any number of workers (determinism, 1-vs-2-worker agreement).
-    return tuple(
-        (sigma * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(
-            device=p.device, dtype=p.dtype
-        )
-        for p in params
-    )
+    return {
+        n: (sigma * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(device=p.device, dtype=p.dtype)
+        for n, p in theta.items()
+    }
+
+
+def _stack(items: Sequence[Any]) -> Any:
+    """Stack a list of same-shaped pytrees along a new leading (particle) dimension."""
+    return tree_map(lambda *leaves: torch.stack(leaves), *items)
+
+
+def _index(tree: Any, i: int) -> Any:
+    return tree_map(lambda t: t[i], tree)
+
+
+class _Particles(NamedTuple):
+    meta_losses: list[float]  # one per particle
+    carry: Carry  # stacked, leading dimension = particles
+    run: InnerRun  # the run with particle 0's carry (its streams moved as every particle's did)
+    lrs: list[float]  # particle 0's
+    alarms: int
 
 
 @dataclass
@@ -180,23 +192,52 @@ class _ESBase:
     config: MetaConfig
     full_horizon = False
 
-    def __post_init__(self) -> None:
-        self.unroll_fn = get_unroll(self.config.backend)
-
-    def _evaluate(
-        self, unroller: _Unroller, names: list[str], values: Sequence[Tensor], run: InnerRun, length: int
-    ) -> UnrollResult:
-        with torch.no_grad():
-            return functional_call(unroller, dict(zip(names, values, strict=True)), (run, length))
-
-    def _assemble(
-        self, controller: LRController, names: list[str], flat: Sequence[Tensor]
-    ) -> tuple[Tensor, ...]:
-        by_name = dict(zip(names, flat, strict=True))
-        return tuple(
-            by_name.get(f"controller.{n}", torch.zeros_like(p)).detach()
-            for n, p in controller.named_parameters()
+    def _run_particles(
+        self, controller: LRController, run: InnerRun, carries: Carry, thetas: list[dict[str, Tensor]], length: int
+    ) -> _Particles:
+        """Unroll particle ``i`` (state ``carries[i]``) with controller weights ``thetas[i]``, all on the same batches."""
+        frozen = {n: p.detach() for n, p in controller.theta().items() if n not in thetas[0]}
+        weights = [{**frozen, **t} for t in thetas]
+        options = {
+            "differentiable": False,
+            "objective_every": self.config.objective_every,
+            "valid_every": self.config.valid_every,
+            "backend": NATIVE,
+        }
+        if self.config.vectorize:
+            result = unroll(
+                controller,
+                run.with_carry(carries),
+                length,
+                theta=_stack(weights),
+                particles=len(weights),
+                **options,  # type: ignore[arg-type]
+            )
+            losses = [float(x) for x in result.meta_loss.tolist()]
+            first = result.run.with_carry(_index(result.run.carry, 0))
+            return _Particles(losses, result.run.carry, first, result.lrs, result.alarms)
+        results: list[UnrollResult] = [
+            unroll(controller, run.with_carry(_index(carries, i)), length, theta=w, **options)  # type: ignore[arg-type]
+            for i, w in enumerate(weights)
+        ]
+        return _Particles(
+            [float(r.meta_loss) for r in results],
+            _stack([r.run.carry for r in results]),
+            results[0].run,
+            results[0].lrs,
+            sum(r.alarms for r in results),
         )
+
+    def _assemble(self, controller: LRController, grad: dict[str, Tensor], finite: bool) -> tuple[Tensor, ...]:
+        scale = 1.0 / (2 * self.config.es_pairs * self.config.es_sigma**2)
+        return tuple(
+            (grad[n] * scale if finite else torch.full_like(p, math.nan)) if n in grad else torch.zeros_like(p)
+            for n, p in controller.theta().items()
+        )
+
+
+def _repeat(carry: Carry, count: int) -> Carry:
+    return tree_map(lambda t: t.detach().unsqueeze(0).expand(count, *t.shape).clone(), carry)
 
 
 @dataclass
@@ -204,50 +245,44 @@ class AntitheticES(_ESBase):
     """Antithetic ES on each truncation: g = sum_j eps_j (L(theta + eps_j) - L(theta - eps_j)) / (2 N sigma^2).
 
     All perturbations start from the same carried state and see the same batches (common random numbers);
-    an extra unperturbed unroll carries the state forward and gives the logged meta-loss.
+    an extra unperturbed particle (index 0) carries the state forward and gives the logged meta-loss.
     """
 
-    def __call__(self, controller: LRController, run: InnerRun, length: int, seed: int = 0) -> Estimate:
-        sigma, pairs = self.config.es_sigma, self.config.es_pairs
-        unroller = _Unroller(controller, self.unroll_fn, self.config)
-        named = _trainable(controller)
-        names, theta = [n for n, _ in named], [p.detach() for _, p in named]
+    def init(self, controller: LRController, run: InnerRun) -> Any:
+        return ()
+
+    def __call__(
+        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
+    ) -> Estimate:
+        theta = _trainable(controller)
         generator = torch.Generator().manual_seed(seed)
-        center = self._evaluate(unroller, names, theta, run, length)
-        grad = [torch.zeros_like(p) for p in theta]
-        finite = math.isfinite(float(center.meta_loss))
-        alarms = center.alarms
-        for _ in range(pairs):
-            eps = _noise(theta, sigma, generator)
-            plus = self._evaluate(unroller, names, torch._foreach_add(theta, eps), run, length)
-            minus = self._evaluate(unroller, names, torch._foreach_sub(theta, eps), run, length)
-            difference = float(plus.meta_loss) - float(minus.meta_loss)
+        noises = [_noise(theta, self.config.es_sigma, generator) for _ in range(self.config.es_pairs)]
+        thetas = [theta]
+        for eps in noises:
+            thetas += [{n: theta[n] + eps[n] for n in theta}, {n: theta[n] - eps[n] for n in theta}]
+        out = self._run_particles(controller, run, _repeat(run.carry, len(thetas)), thetas, length)
+        grad = {n: torch.zeros_like(p) for n, p in theta.items()}
+        finite = math.isfinite(out.meta_losses[0])
+        for j, eps in enumerate(noises):
+            difference = out.meta_losses[1 + 2 * j] - out.meta_losses[2 + 2 * j]
             finite = finite and math.isfinite(difference)
-            alarms += plus.alarms + minus.alarms
-            torch._foreach_add_(grad, eps, alpha=difference if math.isfinite(difference) else 0.0)
-        scale = 1.0 / (2 * pairs * sigma**2)
-        flat = [g * scale if finite else torch.full_like(g, math.nan) for g in grad]
+            for n in grad:
+                grad[n] += eps[n] * (difference if math.isfinite(difference) else 0.0)
         return Estimate(
-            self._assemble(controller, names, flat),
-            float(center.meta_loss),
-            center.run.detached(),
-            center.lrs,
-            alarms,
-            len(center.lrs),
+            self._assemble(controller, grad, finite), out.meta_losses[0], out.run.detached(), out.lrs, out.alarms, len(out.lrs)
         )
 
 
 class PESState(NamedTuple):
-    """Per-run PES state (lives in ``InnerRun.estimator_state['pes']``): one inner state per particle.
+    """PES state of one run: every particle's inner state, and the noise each pair has accumulated.
 
-    Particles come in antithetic pairs (``2 * es_pairs``: +eps_j at index 2j, -eps_j at 2j+1);
-    ``accumulated[j]`` is xi_j, the sum of the perturbations of pair j over all truncations so far.
+    Particles come in antithetic pairs (``2 * es_pairs``: +eps_j at index 2j, -eps_j at 2j+1), stacked along
+    a leading dimension; ``accumulated[name][j]`` is xi_j, the sum of pair j's perturbations over all
+    truncations so far. A new run (a new task) starts a new state.
     """
 
-    params: tuple[tuple[Tensor, ...], ...]
-    opt_state: tuple[tuple[Tensor, ...], ...]
-    policy: tuple[PolicyState, ...]
-    accumulated: tuple[tuple[Tensor, ...], ...]
+    carry: Carry
+    accumulated: dict[str, Tensor]
 
 
 @dataclass
@@ -259,73 +294,45 @@ class PersistentES(_ESBase):
     g = sum_j xi_j (L_j^+ - L_j^-) / (2 N sigma^2).
     Because xi_j carries the noise that shaped the particle's current state, the estimates summed over a
     whole horizon are an unbiased estimate of the gradient of the smoothed full-horizon objective, where
-    truncated backprop and truncated ES are biased. The state resets when the run is replaced (new task).
+    truncated backprop and truncated ES are biased.
     """
 
-    def __call__(self, controller: LRController, run: InnerRun, length: int, seed: int = 0) -> Estimate:
-        sigma, pairs = self.config.es_sigma, self.config.es_pairs
-        unroller = _Unroller(controller, self.unroll_fn, self.config)
-        named = _trainable(controller)
-        names, theta = [n for n, _ in named], [p.detach() for _, p in named]
-        generator = torch.Generator().manual_seed(seed)
-        state: PESState | None = run.estimator_state.get("pes")
-        if state is None or len(state.accumulated) != pairs:
-            state = PESState(
-                params=(run.params,) * (2 * pairs),
-                opt_state=(run.opt_state,) * (2 * pairs),
-                policy=(run.policy,) * (2 * pairs),
-                accumulated=tuple(tuple(torch.zeros_like(p) for p in theta) for _ in range(pairs)),
-            )
-        grad = [torch.zeros_like(p) for p in theta]
-        new_params, new_opt, new_policy, new_accumulated = [], [], [], []
-        losses: list[float] = []
-        alarms = 0
-        last: UnrollResult | None = None
-        first: UnrollResult | None = None
-        for j in range(pairs):
-            eps = _noise(theta, sigma, generator)
-            xi = tuple(torch._foreach_add(list(state.accumulated[j]), eps))
-            pair_losses = []
-            for sign, index in ((1.0, 2 * j), (-1.0, 2 * j + 1)):
-                particle = replace(
-                    run,
-                    params=state.params[index],
-                    opt_state=state.opt_state[index],
-                    policy=state.policy[index],
-                )
-                values = torch._foreach_add(theta, eps, alpha=sign)
-                result = self._evaluate(unroller, names, values, particle, length)
-                first = first or result
-                last = result
-                pair_losses.append(float(result.meta_loss))
-                alarms += result.alarms
-                new_params.append(result.run.params)
-                new_opt.append(result.run.opt_state)
-                new_policy.append(result.run.policy)
-            losses += pair_losses
-            difference = pair_losses[0] - pair_losses[1]
-            torch._foreach_add_(grad, list(xi), alpha=difference if math.isfinite(difference) else 0.0)
-            new_accumulated.append(xi)
-        assert first is not None and last is not None
-        finite = all(math.isfinite(x) for x in losses)
-        scale = 1.0 / (2 * pairs * sigma**2)
-        flat = [g * scale if finite else torch.full_like(g, math.nan) for g in grad]
-        new_state = PESState(tuple(new_params), tuple(new_opt), tuple(new_policy), tuple(new_accumulated))
-        # The run itself follows particle 0 (its streams moved exactly as every particle's did).
-        advanced = replace(
-            last.run.detached(),
-            params=first.run.params,
-            opt_state=first.run.opt_state,
-            policy=first.run.policy,
-            estimator_state={**run.estimator_state, "pes": new_state},
+    def init(self, controller: LRController, run: InnerRun) -> PESState:
+        pairs = self.config.es_pairs
+        theta = _trainable(controller)
+        return PESState(
+            carry=_repeat(run.carry, 2 * pairs),
+            accumulated={n: torch.zeros((pairs, *p.shape), dtype=p.dtype, device=p.device) for n, p in theta.items()},
         )
+
+    def __call__(
+        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
+    ) -> Estimate:
+        pairs = self.config.es_pairs
+        theta = _trainable(controller)
+        if not isinstance(state, PESState):
+            state = self.init(controller, run)
+        generator = torch.Generator().manual_seed(seed)
+        noises = [_noise(theta, self.config.es_sigma, generator) for _ in range(pairs)]
+        accumulated = {n: state.accumulated[n] + torch.stack([eps[n] for eps in noises]) for n in theta}
+        thetas = []
+        for eps in noises:
+            thetas += [{n: theta[n] + eps[n] for n in theta}, {n: theta[n] - eps[n] for n in theta}]
+        out = self._run_particles(controller, run, state.carry, thetas, length)
+        differences = [out.meta_losses[2 * j] - out.meta_losses[2 * j + 1] for j in range(pairs)]
+        finite = all(math.isfinite(x) for x in out.meta_losses)
+        weights = torch.tensor([d if math.isfinite(d) else 0.0 for d in differences], dtype=torch.float64)
+        grad = {
+            n: torch.tensordot(weights.to(xi.device, xi.dtype), xi, dims=1) for n, xi in accumulated.items()
+        }
         return Estimate(
-            self._assemble(controller, names, flat),
-            sum(losses) / len(losses),
-            advanced,
-            first.lrs,
-            alarms,
-            len(first.lrs),
+            self._assemble(controller, grad, finite),
+            sum(out.meta_losses) / len(out.meta_losses),
+            out.run.detached(),
+            out.lrs,
+            out.alarms,
+            len(out.lrs),
+            PESState(out.carry, accumulated),
         )
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from metalr.controller import LRController
-from metalr.meta.unroll import InnerRun, UnrollResult, observe_step
+from metalr.meta.unroll import InnerRun, StepOutcome, Stepper, UnrollResult, unroll
 from metalr.tasks.optimizers import OptimizerHyper, make_torch_optimizer
 
 HIGHER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -72,89 +72,74 @@ def _read_state(
     return (count, *(s["exp_avg"] for s in states), *(s["exp_avg_sq"] for s in states))
 
 
-def higher_unroll(
-    controller: LRController,
-    run: InnerRun,
-    length: int,
-    differentiable: bool = True,
-    detach_features: bool = False,
-    objective_every: int = 1,
-    valid_every: int = 10,
-) -> UnrollResult:
-    """:func:`metalr.meta.unroll.unroll` with ``higher`` doing the inner updates (same arguments)."""
-    higher = _import_higher()
-    spec = run.task.spec
-    if spec.optimizer not in HIGHER_OPTIMIZERS:
-        raise HigherBackendError(
-            f"the higher backend has no differentiable {spec.optimizer!r} (it supports {list(HIGHER_OPTIMIZERS)}; "
-            f"higher lacks AdamW); use meta.backend: native for task {spec.label}"
-        )
-    run = run.forked()
-    model = run.task.model
-    reference = list(model.parameters())
-    hyper = OptimizerHyper()
-    optimizer = make_torch_optimizer(spec.optimizer, reference, spec.base_lr, hyper)
-    _load_state(optimizer, spec.optimizer, reference, run.opt_state)
-    fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=differentiable)
-    params = [p if p.requires_grad else p.requires_grad_(True) for p in run.params]
-    fmodel.update_params(params)
-    diffopt = higher.optim.get_diff_optim(
-        optimizer, reference, fmodel=fmodel, track_higher_grads=differentiable
-    )
+class HigherStepper:
+    """One unroll's inner updates by ``higher``: a patched model and a differentiable optimizer."""
 
-    terms: list[Tensor] = []
-    lrs: list[float] = []
-    train_losses: list[float] = []
-    alarms = 0
-    steps = min(length, spec.steps - run.step)
-    policy = run.policy
-    with torch.enable_grad():
-        for k in range(steps):
-            current = tuple(fmodel.fast_params)
-            batch = next(run.train_stream)
-            outputs: list[Any] = []
+    records_graph = True
 
-            def call(*args: Any, outputs: list[Any] = outputs, **kwargs: Any) -> Any:
-                outputs.append(fmodel(*args, **kwargs))
-                return outputs[-1]
-
-            loss = run.task.loss(call, batch)
-            lr = run.lr(controller, policy)
-            captured: list[tuple[Tensor, ...]] = []
-
-            def keep(grads: Any, captured: list[tuple[Tensor, ...]] = captured) -> Any:
-                captured.append(tuple(grads))
-                return grads
-
-            override: dict[str, list[Any]] = {"lr": [lr]}
-            if spec.optimizer == "adam":
-                # higher adds eps before the bias correction (sqrt(v) + eps); torch.optim.Adam, the native
-                # unroll and deployment add it after (sqrt(v / bc2) + eps). Passing eps * sqrt(bc2) per step
-                # makes the two identical, so the backends agree to float64 precision, not just to ~eps.
-                bias_correction2 = 1 - hyper.beta2 ** (int(run.opt_state[0]) + k + 1)
-                override["eps"] = [hyper.eps * bias_correction2**0.5]
-            new_params = tuple(diffopt.step(loss, override=override, grad_callback=keep))
-            policy = observe_step(
-                controller,
-                replace(run, policy=policy),
-                current,
-                loss,
-                captured[0],
-                new_params,
-                lr,
-                outputs[-1] if outputs else None,
-                valid_every,
-                differentiable,
-                detach_features,
+    def __init__(self, run: InnerRun, differentiable: bool) -> None:
+        higher = _import_higher()
+        spec = run.task.spec
+        if spec.optimizer not in HIGHER_OPTIMIZERS:
+            raise HigherBackendError(
+                f"the higher backend has no differentiable {spec.optimizer!r} (it supports {list(HIGHER_OPTIMIZERS)}; "
+                f"higher lacks AdamW); use meta.backend: native for task {spec.label}"
             )
-            run = replace(run, step=run.step + 1, policy=policy, params=new_params)
-            lrs.append(float(lr.detach()))
-            train_losses.append(float(loss.detach()))
-            alarms += int(policy.features.alarm.item() > 0)
-            if (k + 1) % objective_every == 0 or k == steps - 1:
-                valid = run.task.loss(fmodel, next(run.valid_stream))
-                terms.append(torch.log(valid / run.initial_valid_loss))
-    opt_state = _read_state(diffopt, spec.optimizer, run.opt_state, len(reference), steps)
-    run = replace(run, params=tuple(fmodel.fast_params), opt_state=opt_state, policy=policy)
-    meta_loss = torch.stack(terms).mean() if terms else torch.zeros(())
-    return UnrollResult(meta_loss, run, lrs, train_losses, alarms)
+        model = run.task.model
+        self.reference = list(model.parameters())
+        self.hyper = OptimizerHyper()
+        self.start_count = int(run.opt_state[0]) if run.opt_state else 0
+        optimizer = make_torch_optimizer(spec.optimizer, self.reference, spec.base_lr, self.hyper)
+        _load_state(optimizer, spec.optimizer, self.reference, run.opt_state)
+        self.fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=differentiable)
+        self.fmodel.update_params([p if p.requires_grad else p.requires_grad_(True) for p in run.params])
+        self.diffopt = higher.optim.get_diff_optim(
+            optimizer, self.reference, fmodel=self.fmodel, track_higher_grads=differentiable
+        )
+        self.steps = 0
+        self.differentiable = differentiable
+
+    def step(self, run: InnerRun, batch: Any, lr: Tensor, differentiable: bool) -> StepOutcome:
+        params = tuple(self.fmodel.fast_params)
+        outputs: list[Any] = []
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            outputs.append(self.fmodel(*args, **kwargs))
+            return outputs[-1]
+
+        loss = run.task.loss(call, batch)
+        captured: list[tuple[Tensor, ...]] = []
+
+        def keep(grads: Any) -> Any:
+            captured.append(tuple(grads))
+            return grads
+
+        override: dict[str, list[Any]] = {"lr": [lr]}
+        self.steps += 1
+        if run.task.spec.optimizer == "adam":
+            # higher adds eps before the bias correction (sqrt(v) + eps); torch.optim.Adam, the native
+            # unroll and deployment add it after (sqrt(v / bc2) + eps). Passing eps * sqrt(bc2) per step
+            # makes the two identical, so the backends agree to float64 precision, not just to ~eps.
+            bias_correction2 = 1 - self.hyper.beta2 ** (self.start_count + self.steps)
+            override["eps"] = [self.hyper.eps * bias_correction2**0.5]
+        new_params = tuple(self.diffopt.step(loss, override=override, grad_callback=keep))
+        return StepOutcome(params, loss, captured[0], new_params, run.opt_state, outputs[-1] if outputs else None)
+
+    def end(self, run: InnerRun, steps: int) -> InnerRun:
+        opt_state = _read_state(self.diffopt, run.task.spec.optimizer, run.opt_state, len(self.reference), steps)
+        if not self.differentiable:
+            opt_state = tuple(s.detach() for s in opt_state)
+        return replace(run, opt_state=opt_state)
+
+
+class HigherBackend:
+    def begin(self, run: InnerRun, differentiable: bool) -> Stepper:
+        return HigherStepper(run, differentiable)
+
+
+HIGHER = HigherBackend()
+
+
+def higher_unroll(controller: LRController, run: InnerRun, length: int, **kwargs: Any) -> UnrollResult:
+    """:func:`metalr.meta.unroll.unroll` with ``higher`` doing the inner updates (same arguments)."""
+    return unroll(controller, run, length, backend=HIGHER, **kwargs)

@@ -15,9 +15,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from metalr.controller import LRController
-from metalr.meta.unroll import InnerRun, inner_step
+from metalr.meta.unroll import InnerRun, unroll
 
 MiB = 1024 * 1024
 # Resident memory exceeds the bytes autograd saves (allocator slack, outputs kept alive by the graph):
@@ -36,9 +37,8 @@ def _bytes(tensors: Iterable[Tensor]) -> int:
 
 def state_bytes(run: InnerRun) -> int:
     """Bytes of what a run carries between steps (parameters, optimizer state, feature state)."""
-    features = run.policy.features
-    carried = [*run.params, *run.opt_state, *features.grad_mean, *features.prev_grads, *features.prev_params]
-    return _bytes(carried)
+    leaves, _ = tree_flatten(run.carry)
+    return _bytes(leaves)
 
 
 def step_graph_bytes(
@@ -56,9 +56,8 @@ def step_graph_bytes(
 
     probe = run.forked()
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        after, _, _ = inner_step(controller, probe, differentiable, valid_every=valid_every)
-        if differentiable:
-            after.task.loss(after.model_call(after.params), next(after.valid_stream))
+        # One step plus its meta-objective measurement (the unroll scores the last step it takes).
+        unroll(controller, probe, 1, differentiable, valid_every=valid_every)
         return sum(storages.values())
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from metalr.controller import LRController, PolicyState
-from metalr.features import FeatureState
+from metalr.controller import LRController
 from metalr.io import atomic_write
-from metalr.meta.estimators import PESState
-from metalr.meta.inner import make_inner_optimizer
-from metalr.meta.unroll import InnerRun
+from metalr.meta.estimators import Estimator
+from metalr.meta.unroll import InnerRun, start_run
 from metalr.tasks import TaskSpec, build_task
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: runs and estimator states as flattened pytrees (feature format 2)
 METADATA_KEY = "metalr_resume"
 _NAME = re.compile(r"^state-rank(\d+)-step(\d+)\.safetensors$")
 
@@ -65,38 +65,28 @@ class TensorTable:
         return tuple(self.get(f"{prefix}.{i}", device) for i in range(count))
 
 
-# -- policy / runs ------------------------------------------------------------------------------------------
+# -- runs and estimator states (pytrees: flattened leaves in the table, the structure from a template) ------
 
 
-def _put_policy(table: TensorTable, prefix: str, policy: PolicyState) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for name, value in zip(FeatureState._fields, policy.features, strict=True):
-        if isinstance(value, tuple):
-            counts[name] = table.put_many(f"{prefix}.features.{name}", value)
-        elif isinstance(value, Tensor):
-            table.put(f"{prefix}.features.{name}", value)
-        else:
-            raise ResumeError(f"feature state field {name!r} is neither a tensor nor a tuple of tensors")
-    table.put(f"{prefix}.log_factor", policy.log_factor)
-    table.put(f"{prefix}.hidden", policy.hidden)
-    return counts
+def put_tree(table: TensorTable, prefix: str, tree: Any) -> int:
+    """Store the tensor leaves of a pytree (a policy state, an estimator state); returns their count."""
+    leaves, _ = tree_flatten(tree)
+    if not all(isinstance(leaf, Tensor) for leaf in leaves):
+        raise ResumeError(f"{prefix}: state holds non-tensor leaves; cannot store it without pickle")
+    return table.put_many(prefix, leaves)
 
 
-def _get_policy(table: TensorTable, prefix: str, counts: dict[str, int], device: str) -> PolicyState:
-    values: list[Any] = []
-    for name in FeatureState._fields:
-        key = f"{prefix}.features.{name}"
-        values.append(table.get_many(key, counts[name], device) if name in counts else table.get(key, device))
-    return PolicyState(
-        FeatureState(*values),
-        table.get(f"{prefix}.log_factor", device),
-        table.get(f"{prefix}.hidden", device),
-    )
+def get_tree(table: TensorTable, prefix: str, count: int, template: Any, device: str) -> Any:
+    """Rebuild a pytree stored by :func:`put_tree` in the structure of ``template``."""
+    leaves, spec = tree_flatten(template)
+    if len(leaves) != count:
+        raise ResumeError(f"{prefix}: resume state has {count} tensors, the current structure needs {len(leaves)}")
+    return tree_unflatten(list(table.get_many(prefix, count, device)), spec)
 
 
-def put_run(table: TensorTable, prefix: str, run: InnerRun) -> dict[str, Any]:
-    """Store ``run``'s tensors under ``prefix``; returns the JSON part."""
-    record: dict[str, Any] = {
+def put_run(table: TensorTable, prefix: str, run: InnerRun, estimator_state: Any = ()) -> dict[str, Any]:
+    """Store ``run``'s tensors (and its estimator state) under ``prefix``; returns the JSON part."""
+    return {
         "spec": run.task.spec.to_dict(),
         "step": run.step,
         "initial_valid_loss": run.initial_valid_loss,
@@ -106,76 +96,36 @@ def put_run(table: TensorTable, prefix: str, run: InnerRun) -> dict[str, Any]:
             "outer_valid": run.valid_stream.position,
             "inner_valid": run.inner_valid_stream.position if run.inner_valid_stream is not None else None,
         },
-        "params": table.put_many(f"{prefix}.params", run.params),
-        "opt_state": table.put_many(f"{prefix}.opt_state", run.opt_state),
-        "policy": _put_policy(table, f"{prefix}.policy", run.policy),
+        "carry": put_tree(table, f"{prefix}.carry", run.carry),
+        "estimator": put_tree(table, f"{prefix}.estimator", estimator_state),
     }
-    pes: PESState | None = run.estimator_state.get("pes")
-    if pes is not None:
-        particles = []
-        for i in range(len(pes.params)):
-            particles.append(
-                {
-                    "params": table.put_many(f"{prefix}.pes.{i}.params", pes.params[i]),
-                    "opt_state": table.put_many(f"{prefix}.pes.{i}.opt_state", pes.opt_state[i]),
-                    "policy": _put_policy(table, f"{prefix}.pes.{i}.policy", pes.policy[i]),
-                }
-            )
-        accumulated = [table.put_many(f"{prefix}.pes.xi.{j}", xi) for j, xi in enumerate(pes.accumulated)]
-        record["pes"] = {"particles": particles, "accumulated": accumulated}
-    return record
 
 
 def get_run(
-    table: TensorTable, prefix: str, record: dict[str, Any], controller: LRController, device: str
-) -> InnerRun:
-    """Rebuild an :class:`InnerRun` stored by :func:`put_run` (the task is rebuilt from its spec)."""
+    table: TensorTable,
+    prefix: str,
+    record: dict[str, Any],
+    controller: LRController,
+    device: str,
+    estimator: Estimator | None = None,
+) -> tuple[InnerRun, Any]:
+    """Rebuild an :class:`InnerRun` stored by :func:`put_run` (the task is rebuilt from its spec) and its
+    estimator state (``estimator.init`` gives the structure)."""
     spec = TaskSpec.from_dict(record["spec"])
     task = build_task(spec, device)
     positions = record["positions"]
-    train = task.batches("train")
-    train.position = int(positions["train"])
-    valid = task.batches("outer_valid", batch_size=int(record["valid_batch_size"]))
-    valid.position = int(positions["outer_valid"])
-    inner_valid = None
-    if positions["inner_valid"] is not None:
-        inner_valid = task.batches("inner_valid", batch_size=int(record["valid_batch_size"]))
-        inner_valid.position = int(positions["inner_valid"])
-    estimator_state: dict[str, Any] = {}
-    if "pes" in record:
-        pes = record["pes"]
-        particles = pes["particles"]
-        estimator_state["pes"] = PESState(
-            params=tuple(
-                table.get_many(f"{prefix}.pes.{i}.params", p["params"], device)
-                for i, p in enumerate(particles)
-            ),
-            opt_state=tuple(
-                table.get_many(f"{prefix}.pes.{i}.opt_state", p["opt_state"], device)
-                for i, p in enumerate(particles)
-            ),
-            policy=tuple(
-                _get_policy(table, f"{prefix}.pes.{i}.policy", p["policy"], device)
-                for i, p in enumerate(particles)
-            ),
-            accumulated=tuple(
-                table.get_many(f"{prefix}.pes.xi.{j}", n, device) for j, n in enumerate(pes["accumulated"])
-            ),
-        )
-    return InnerRun(
-        task=task,
-        names=tuple(dict(task.model.named_parameters())),
-        params=table.get_many(f"{prefix}.params", record["params"], device),
-        opt_state=table.get_many(f"{prefix}.opt_state", record["opt_state"], device),
-        policy=_get_policy(table, f"{prefix}.policy", record["policy"], device),
-        step=int(record["step"]),
-        train_stream=train,
-        valid_stream=valid,
-        initial_valid_loss=float(record["initial_valid_loss"]),
-        optimizer=make_inner_optimizer(spec.optimizer),
-        inner_valid_stream=inner_valid,
-        estimator_state=estimator_state,
-    )
+    fresh = start_run(task, controller, int(record["valid_batch_size"]))
+    fresh.train_stream.position = int(positions["train"])
+    fresh.valid_stream.position = int(positions["outer_valid"])
+    if positions["inner_valid"] is not None and fresh.inner_valid_stream is not None:
+        fresh.inner_valid_stream.position = int(positions["inner_valid"])
+    carry = get_tree(table, f"{prefix}.carry", int(record["carry"]), fresh.carry, device)
+    run = replace(fresh.with_carry(carry), step=int(record["step"]), initial_valid_loss=float(record["initial_valid_loss"]))
+    estimator_state: Any = ()
+    if int(record["estimator"]) and estimator is not None:
+        template = estimator.init(controller, run)
+        estimator_state = get_tree(table, f"{prefix}.estimator", int(record["estimator"]), template, device)
+    return run, estimator_state
 
 
 # -- meta-optimizer -------------------------------------------------------------------------------------------

@@ -321,6 +321,7 @@ class MetaTrainer:
         self.state = LoopState()
         self.logger = _Logger(run_dir, self.context, self.meta.tensorboard)
         self.runs: list[InnerRun | None] = [None] * self.meta.meta_batch
+        self.estimator_states: list[Any] = [()] * self.meta.meta_batch
         self.state_dir = run_dir / "resume"
         if not (resume and self._load_resume_state()):
             self.logger.truncate_after(-1)  # a fresh start: no records of an earlier attempt remain
@@ -396,7 +397,11 @@ class MetaTrainer:
                 continue
             try:
                 estimate = self.estimator(
-                    self.controller, run, length, seed=noise_seed(self.config.seed, meta_step, slot)
+                    self.controller,
+                    run,
+                    length,
+                    seed=noise_seed(self.config.seed, meta_step, slot),
+                    state=self.estimator_states[slot],
                 )
             except EstimatorError as err:
                 raise MetaTrainingError(str(err)) from None
@@ -416,6 +421,7 @@ class MetaTrainer:
             scalars[5] += sum(lr / base_lr for lr in estimate.lrs)
             scalars[6] += len(estimate.lrs)
             self.runs[slot] = estimate.run
+            self.estimator_states[slot] = estimate.state
             if estimate.run.done:
                 flags[slot] = 1
         packed = torch.cat([*(g.reshape(-1).double().cpu() for g in summed), scalars, flags])
@@ -439,6 +445,7 @@ class MetaTrainer:
         for slot in range(meta.meta_batch):
             if flags[slot] > 0:
                 self.runs[slot] = self._fill(slot, offset=False)
+                self.estimator_states[slot] = ()
         if state.attempted >= 10 and state.skipped / state.attempted > meta.max_skip_fraction:
             raise MetaTrainingError(
                 f"{state.skipped} of {state.attempted} truncations had a non-finite meta-loss or meta-gradient "
@@ -488,7 +495,7 @@ class MetaTrainer:
         table.put("rng.torch", torch.get_rng_state())
         table.put("rng.sampler", self.sampler.generator.get_state())
         runs = {
-            str(slot): put_run(table, f"run.{slot}", run)
+            str(slot): put_run(table, f"run.{slot}", run, self.estimator_states[slot])
             for slot, run in enumerate(self.runs)
             if run is not None
         }
@@ -521,7 +528,9 @@ class MetaTrainer:
         self.probe_best_lrs = list(record["probe_best_lrs"])
         for slot_key, run_record in record["runs"].items():
             slot = int(slot_key)
-            self.runs[slot] = get_run(table, f"run.{slot}", run_record, self.controller, self.device)
+            self.runs[slot], self.estimator_states[slot] = get_run(
+                table, f"run.{slot}", run_record, self.controller, self.device, self.estimator
+            )
         self.logger.truncate_after(self.state.meta_step)
         return True
 

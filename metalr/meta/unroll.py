@@ -6,8 +6,14 @@ controller's policy state, the data streams). :func:`unroll` advances it ``lengt
     loss_t  = task.loss(functional_call(model, theta_t), batch_t)
     g_t     = autograd.grad(loss_t, theta_t, create_graph=differentiable)
     theta_{t+1}, opt_state = inner_optimizer.update(g_t, opt_state, theta_t, lr_t)      # no in-place ops
-    log_factor_{t+1}       = controller.step(features(observation_t))                    # one feature fn
+    log_factor_{t+1}       = controller.apply(theta, state, reductions(g_t, theta_t, theta_{t+1}))  # one feature fn
     meta_loss += log(L_outer_valid(theta_{t+1}) / L_outer_valid(theta_0))
+
+One loop serves every backend and estimator (:func:`unroll`); a backend supplies only how the parameter
+update is computed (:class:`Stepper`: the native functional optimizers here, ``higher`` in
+:mod:`metalr.meta.higher_backend`). The controller runs with the weights ``theta`` it is given (its own by
+default), so ES/PES evaluate perturbed controllers through the same loop. Per-step values (LRs, losses,
+guard events, meta-objective terms) stay tensors and are read back once per truncation.
 
 The meta-objective is the mean over the unroll of the log outer-validation loss relative to the task's
 initial validation loss: the log makes tasks whose losses differ by orders of magnitude weigh alike, and
@@ -31,12 +37,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 from metalr.controller import LRController, PolicyState, detach_policy_state
 from metalr.features import Observation, predictive_entropy
@@ -44,6 +52,16 @@ from metalr.meta.inner import InnerOptimizer, make_inner_optimizer
 from metalr.tasks.base import BatchStream, Task
 
 NAN = float("nan")
+Tensors = tuple[Tensor, ...]
+
+
+class Carry(NamedTuple):
+    """Parameters, optimizer state, previous update and policy state: what one inner step maps to the next."""
+
+    params: Tensors
+    opt_state: Tensors
+    prev_update: Tensors
+    policy: PolicyState
 
 
 @dataclass
@@ -52,22 +70,32 @@ class InnerRun:
 
     task: Task
     names: tuple[str, ...]
-    params: tuple[Tensor, ...]
-    opt_state: tuple[Tensor, ...]
+    params: Tensors
+    opt_state: Tensors
     policy: PolicyState
     step: int
     train_stream: BatchStream
     valid_stream: BatchStream
     initial_valid_loss: float
     optimizer: InnerOptimizer
+    # u_{t-1} = theta_{t-1} - theta_t, the one parameter-sized buffer the features read (zeros at step 0)
+    prev_update: Tensors = ()
     # inner_valid batches for the validation-gap feature (None: the task is never validated in the unroll)
     inner_valid_stream: BatchStream | None = None
-    # per-run state of a gradient estimator (PES keeps its particles and accumulated noise here)
-    estimator_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
         return self.step >= self.task.spec.steps
+
+    @property
+    def carry(self) -> Carry:
+        """The tensors that training carries from step to step (a pytree; batched for particles)."""
+        return Carry(self.params, self.opt_state, self.prev_update, self.policy)
+
+    def with_carry(self, carry: Carry) -> InnerRun:
+        return replace(
+            self, params=carry.params, opt_state=carry.opt_state, prev_update=carry.prev_update, policy=carry.policy
+        )
 
     def detached(self) -> InnerRun:
         """Truncation boundary: the carried state loses its autograd history."""
@@ -75,6 +103,7 @@ class InnerRun:
             self,
             params=tuple(p.detach() for p in self.params),
             opt_state=tuple(s.detach() for s in self.opt_state),
+            prev_update=tuple(u.detach() for u in self.prev_update),
             policy=detach_policy_state(self.policy),
         )
 
@@ -91,10 +120,9 @@ class InnerRun:
             inner_valid_stream=copy.copy(self.inner_valid_stream)
             if self.inner_valid_stream is not None
             else None,
-            estimator_state=dict(self.estimator_state),
         )
 
-    def model_call(self, params: tuple[Tensor, ...]) -> Any:
+    def model_call(self, params: Tensors) -> Any:
         param_dict = dict(zip(self.names, params, strict=True))
         return lambda *args, **kwargs: functional_call(self.task.model, param_dict, args, kwargs)
 
@@ -131,12 +159,13 @@ def start_run(
         names=names,
         params=params,
         opt_state=optimizer.init(params),
-        policy=controller.initial_state(list(params)),
+        policy=controller.init(list(params)),
         step=0,
         train_stream=task.batches("train"),
         valid_stream=valid_stream,
         initial_valid_loss=1.0,
         optimizer=optimizer,
+        prev_update=tuple(torch.zeros_like(p) for p in params),
         inner_valid_stream=inner_valid,
     )
     with torch.no_grad():
@@ -150,10 +179,35 @@ def start_run(
 @dataclass
 class UnrollResult:
     meta_loss: Tensor  # mean log relative outer-valid loss over the unroll (differentiable when asked)
-    run: InnerRun  # state after the unroll, detached
+    run: InnerRun  # state after the unroll (detached unless it was differentiable)
     lrs: list[float]
     train_losses: list[float]
     alarms: int
+
+
+class StepOutcome(NamedTuple):
+    """What a backend's inner update returns for one step theta_t -> theta_{t+1}."""
+
+    params: Tensors  # theta_t, as differentiated (requires_grad leaves or graph nodes)
+    loss: Tensor
+    grads: Tensors
+    new_params: Tensors
+    opt_state: Tensors
+    output: Any  # the model's last forward output (logits for the uncertainty feature), or None
+
+
+class Stepper(Protocol):
+    """A backend's inner update for the duration of one unroll (``begin`` builds it, ``end`` closes it)."""
+
+    records_graph: bool  # outputs may carry autograd history even when not differentiable (then detached)
+
+    def step(self, run: InnerRun, batch: Any, lr: Tensor, differentiable: bool) -> StepOutcome: ...
+
+    def end(self, run: InnerRun, steps: int) -> InnerRun: ...
+
+
+class Backend(Protocol):
+    def begin(self, run: InnerRun, differentiable: bool) -> Stepper: ...
 
 
 class _CapturingCall:
@@ -168,32 +222,51 @@ class _CapturingCall:
         return self.output
 
 
-def detach_observation(obs: Observation) -> Observation:
-    """The observation without autograd history (controller inputs carry no meta-gradient)."""
-    return Observation(
-        loss=obs.loss.detach(),
-        grads=tuple(g.detach() for g in obs.grads),
-        params=tuple(p.detach() for p in obs.params),
-        lr=obs.lr.detach(),
-        lr_rel=obs.lr_rel.detach(),
-        total_steps=obs.total_steps.detach(),
-        valid_loss=obs.valid_loss.detach(),
-        entropy=obs.entropy.detach(),
-        budget_used=obs.budget_used.detach(),
-    )
+class NativeStepper:
+    """``torch.func.functional_call`` + the functional optimizers of ``meta.inner``.
+
+    Differentiable: ``torch.autograd.grad(..., create_graph=True)``, so the meta-gradient flows through the
+    inner updates. Otherwise ``torch.func.grad``: no graph at all (the unroll then runs under ``no_grad``),
+    and ``vmap``-able over ES/PES particles.
+    """
+
+    records_graph = False  # without differentiable=True its outputs carry no autograd history
+
+    def step(self, run: InnerRun, batch: Any, lr: Tensor, differentiable: bool) -> StepOutcome:
+        if differentiable:
+            params = tuple(p if p.requires_grad else p.requires_grad_(True) for p in run.params)
+            call = _CapturingCall(run.model_call(params))
+            loss = run.task.loss(call, batch)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            output = call.output
+        else:
+
+            def loss_and_output(params: Tensors) -> tuple[Tensor, Any]:
+                call = _CapturingCall(run.model_call(params))
+                loss = run.task.loss(call, batch)
+                return loss, (loss, call.output if isinstance(call.output, Tensor) else None)
+
+            params = run.params
+            grads, (loss, output) = torch.func.grad(loss_and_output, has_aux=True)(params)
+        new_params, opt_state = run.optimizer.update(grads, run.opt_state, params, lr)
+        return StepOutcome(params, loss, grads, new_params, opt_state, output)
+
+    def end(self, run: InnerRun, steps: int) -> InnerRun:
+        return run
+
+
+class NativeBackend:
+    def begin(self, run: InnerRun, differentiable: bool) -> Stepper:
+        return NativeStepper()
+
+
+NATIVE = NativeBackend()
 
 
 def extra_observations(
-    controller: LRController,
-    run: InnerRun,
-    params: tuple[Tensor, ...],
-    outputs: Any,
-    valid_every: int,
+    controller: LRController, run: InnerRun, params: Tensors, outputs: Any, valid_every: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(valid_loss, entropy, budget_used)`` for the observation of step ``run.step`` (NaN = not measured).
-
-    Shared by the native and the ``higher`` unrolls so both feed the controller identical inputs.
-    """
+    """``(valid_loss, entropy, budget_used)`` for the observation of step ``run.step`` (NaN = not measured)."""
     groups = controller.feature_spec.groups
     device = params[0].device if params else torch.device("cpu")
     nan = torch.full((), NAN, device=device)
@@ -221,66 +294,40 @@ def extra_observations(
 
 def observe_step(
     controller: LRController,
+    theta: Mapping[str, Tensor] | None,
     run: InnerRun,
-    params: tuple[Tensor, ...],
-    loss: Tensor,
-    grads: tuple[Tensor, ...],
-    new_params: tuple[Tensor, ...],
+    outcome: StepOutcome,
     lr: Tensor,
-    output: Any,
     valid_every: int,
     differentiable: bool,
     detach_features: bool,
-) -> PolicyState:
-    """Observe the step theta_t (``params``) -> theta_{t+1} (``new_params``) and advance ``run.policy``.
+) -> tuple[PolicyState, Tensors]:
+    """Observe the step ``outcome`` (theta_t -> theta_{t+1}) and advance ``run.policy``.
 
-    Shared by every unroll backend, so the controller sees the same observation whichever one runs.
+    Returns ``(policy, update)``; ``update`` is u_t, the next step's ``prev_update``.
     """
     spec = run.task.spec
-    valid_loss, entropy, budget = extra_observations(controller, run, params, output, valid_every)
-    obs = Observation(
-        loss=loss,
-        grads=grads,
-        params=new_params,
+    valid_loss, entropy, budget = extra_observations(controller, run, outcome.params, outcome.output, valid_every)
+    obs, update = Observation.of_step(
+        outcome.loss,
+        outcome.grads,
+        outcome.params,
+        outcome.new_params,
+        run.prev_update,
         lr=lr,
         lr_rel=lr / spec.base_lr,
-        total_steps=torch.full((), float(spec.steps), device=loss.device),
+        total_steps=torch.full((), float(spec.steps), device=lr.device),
         valid_loss=valid_loss,
         entropy=entropy,
         budget_used=budget,
     )
     if detach_features or not differentiable:
-        obs = detach_observation(obs)
-    _, policy = controller.step(run.policy, obs)
-    return policy if differentiable else detach_policy_state(policy)
-
-
-def inner_step(
-    controller: LRController,
-    run: InnerRun,
-    differentiable: bool,
-    detach_features: bool = False,
-    valid_every: int = 10,
-) -> tuple[InnerRun, Tensor, Tensor]:
-    """One inner training step. Returns ``(next_run, train_loss, lr_used)`` (next_run not detached).
-
-    ``valid_every``: measure the ``inner_valid`` loss every N steps for the validation feature (only
-    when the controller reads it).
-    """
-    params = tuple(p if p.requires_grad else p.requires_grad_(True) for p in run.params)
-    batch = next(run.train_stream)
-    call = _CapturingCall(run.model_call(params))
-    loss = run.task.loss(call, batch)
-    grads = torch.autograd.grad(loss, params, create_graph=differentiable)
-    lr = run.lr(controller)
-    new_params, opt_state = run.optimizer.update(grads, run.opt_state, params, lr)
-    policy = observe_step(
-        controller, run, params, loss, grads, new_params, lr, call.output, valid_every, differentiable, detach_features
-    )
-    if not differentiable:
-        new_params = tuple(p.detach() for p in new_params)
-        opt_state = tuple(s.detach() for s in opt_state)
-    return replace(run, params=new_params, opt_state=opt_state, policy=policy, step=run.step + 1), loss, lr
+        obs = tree_map(lambda t: t.detach(), obs)
+    if theta is None:
+        _, policy = controller.step(run.policy, obs)
+    else:
+        _, policy = controller.apply(theta, run.policy, obs)
+    return policy, update
 
 
 def unroll(
@@ -291,6 +338,9 @@ def unroll(
     detach_features: bool = False,
     objective_every: int = 1,
     valid_every: int = 10,
+    theta: Mapping[str, Tensor] | None = None,
+    backend: Backend = NATIVE,
+    particles: int = 0,
 ) -> UnrollResult:
     """Advance ``run`` by up to ``length`` steps (stops at the task's horizon) and score it.
 
@@ -303,25 +353,62 @@ def unroll(
             the exact meta-gradient (checked against finite differences in the tests).
         objective_every: measure the outer-valid loss every N inner steps (and always at the last one).
         valid_every: inner_valid measurement period for the validation feature (when the spec reads it).
+        theta: controller weights to run with (``controller.theta()`` keys), e.g. an ES/PES perturbation;
+            ``None`` runs the controller's own.
+        backend: how the inner update is computed (native functional optimizers, or ``higher``).
+        particles: ``P > 0`` runs ``P`` copies of the task at once with ``torch.func.vmap``: ``run.carry`` and
+            every ``theta`` tensor have a leading dimension ``P``, all particles see the same batches, and the
+            result's ``meta_loss`` has shape ``[P]`` (``lrs``/``train_losses`` follow particle 0, ``alarms``
+            sums over particles). Needs ``differentiable=False`` and the native backend.
     """
+    if particles and (differentiable or theta is None):
+        raise ValueError("a vectorised unroll (particles > 0) is first-order and needs the particles' theta")
     # Private copies of the data streams: unrolling the same run twice (finite differences, antithetic
     # ES pairs) must see the same batches, and the caller's run must not move.
-    run = replace(run, train_stream=copy.copy(run.train_stream), valid_stream=copy.copy(run.valid_stream))
-    terms: list[Tensor] = []
-    lrs: list[float] = []
-    train_losses: list[float] = []
-    alarms = 0
-    steps = min(length, run.task.spec.steps - run.step)
     run = run.forked()
-    with torch.enable_grad():
+    steps = min(length, run.task.spec.steps - run.step)
+    stepper = backend.begin(run, differentiable)
+
+    def advance(weights: Mapping[str, Tensor] | None, carry: Carry, batch: Any) -> tuple[Carry, Tensor, Tensor, Tensor]:
+        current = run.with_carry(carry)
+        lr = current.lr(controller)
+        outcome = stepper.step(current, batch, lr, differentiable)
+        policy, update = observe_step(controller, weights, current, outcome, lr, valid_every, differentiable, detach_features)
+        return Carry(outcome.new_params, outcome.opt_state, update, policy), lr, outcome.loss, policy.features.alarm
+
+    def objective(params: Tensors, batch: Any) -> Tensor:
+        return torch.log(run.task.loss(run.model_call(params), batch) / run.initial_valid_loss)
+
+    if particles:
+        advance = torch.func.vmap(advance, in_dims=(0, 0, None), randomness="same")  # type: ignore[assignment]
+        objective = torch.func.vmap(objective, in_dims=(0, None), randomness="same")  # type: ignore[assignment]
+    terms: list[Tensor] = []
+    lrs: list[Tensor] = []
+    losses: list[Tensor] = []
+    alarms: list[Tensor] = []
+    carry = run.carry
+    graph_free = not differentiable and not stepper.records_graph
+    with torch.no_grad() if graph_free else torch.enable_grad():
+        if graph_free:
+            carry = tree_map(lambda t: t.detach(), carry)
         for k in range(steps):
-            run, loss, lr = inner_step(controller, run, differentiable, detach_features, valid_every)
-            lrs.append(float(lr.detach()))
-            train_losses.append(float(loss.detach()))
-            alarms += int(run.policy.features.alarm.item() > 0)
+            carry, lr, loss, alarm = advance(theta, carry, next(run.train_stream))
+            run = replace(run, step=run.step + 1)
+            if not (differentiable or graph_free):
+                carry = tree_map(lambda t: t.detach(), carry)
+            lrs.append(lr.detach())
+            losses.append(loss.detach())
+            alarms.append(alarm.detach())
             if (k + 1) % objective_every == 0 or k == steps - 1:
-                batch = next(run.valid_stream)
-                valid = run.task.loss(run.model_call(run.params), batch)
-                terms.append(torch.log(valid / run.initial_valid_loss))
-    meta_loss = torch.stack(terms).mean() if terms else torch.zeros(())
-    return UnrollResult(meta_loss, run, lrs, train_losses, alarms)
+                terms.append(objective(carry.params, next(run.valid_stream)))
+        run = stepper.end(run.with_carry(carry), steps)
+    meta_loss = torch.stack(terms).mean(0) if terms else torch.zeros((particles,) if particles else ())
+    # One read-back per truncation instead of three host syncs per inner step.
+    if not steps:
+        return UnrollResult(meta_loss, run, [], [], 0)
+    first = (lambda t: t[0]) if particles else (lambda t: t)
+    trace = torch.stack(
+        [torch.stack([first(t) for t in lrs]), torch.stack([first(t) for t in losses])]
+    ).to(torch.float64).tolist()
+    guard_events = int((torch.stack(alarms) > 0).sum())
+    return UnrollResult(meta_loss, run, trace[0], trace[1], guard_events)

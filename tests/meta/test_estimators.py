@@ -19,7 +19,7 @@ from metalr.features import FeatureSpec
 from metalr.meta.estimators import EstimatorError, create_estimator
 from metalr.meta.truncation import make_truncation_schedule
 from metalr.meta.unroll import InnerRun, start_run, unroll
-from metalr.tasks import TaskSpec, build_task
+from metalr.tasks import TaskSpec, build_task, create_task_family
 
 HORIZON, TRUNCATION = 40, 5
 
@@ -63,10 +63,11 @@ def _summed_over_horizon(controller: LRController, estimator: str, seed: int = 0
     """Sum of one estimator's per-truncation estimates over the whole horizon (state carried)."""
     est = create_estimator(MetaConfig(estimator=estimator, es_pairs=pairs, es_sigma=0.01))
     run, total, truncation = _fresh(controller), 0.0, 0
+    state = est.init(controller, run)
     while not run.done:
-        estimate = est(controller, run, TRUNCATION, seed=seed * 1000 + truncation)
+        estimate = est(controller, run, TRUNCATION, seed=seed * 1000 + truncation, state=state)
         total += float(estimate.grads[_bias_index(controller)])
-        run, truncation = estimate.run, truncation + 1
+        run, state, truncation = estimate.run, estimate.state, truncation + 1
     assert truncation == HORIZON // TRUNCATION
     return total
 
@@ -134,21 +135,49 @@ def test_es_and_pes_leave_the_run_untouched_and_are_deterministic_in_the_seed() 
         assert first.run.step == TRUNCATION and first.run.train_stream.position == position + TRUNCATION
         assert all(torch.equal(a, b) for a, b in zip(first.grads, second.grads, strict=True))
         assert not all(torch.equal(a, b) for a, b in zip(first.grads, third.grads, strict=True))
-    pes_state = first.run.estimator_state["pes"]
-    assert len(pes_state.params) == 4 and len(pes_state.accumulated) == 2
+    pes_state = first.state
+    assert pes_state.carry.params[0].shape[0] == 4, "2 pairs = 4 particles, stacked"
+    assert pes_state.accumulated["head.bias"].shape[0] == 2
 
 
 def test_pes_particles_persist_and_accumulate_noise() -> None:
     controller = _schedule_controller()
     estimator = create_estimator(MetaConfig(estimator="pes", es_pairs=1, es_sigma=0.1))
     one = estimator(controller, _fresh(controller), TRUNCATION, seed=1)
-    two = estimator(controller, one.run, TRUNCATION, seed=2)
-    xi1 = one.run.estimator_state["pes"].accumulated[0][0]  # xi of the one trainable parameter
-    xi2 = two.run.estimator_state["pes"].accumulated[0][0]
+    two = estimator(controller, one.run, TRUNCATION, seed=2, state=one.state)
+    xi1 = one.state.accumulated["head.bias"][0]  # xi of the one trainable parameter
+    xi2 = two.state.accumulated["head.bias"][0]
     assert not torch.equal(xi1, xi2)
     # The +/- particles follow different trajectories (their own perturbed controllers).
-    plus, minus = two.run.estimator_state["pes"].params
-    assert not torch.equal(plus[0], minus[0])
+    plus, minus = two.state.carry.params[0]
+    assert not torch.equal(plus, minus)
+
+
+@pytest.mark.parametrize("name", ["es", "pes"])
+def test_vectorised_and_sequential_particles_agree_in_float64(name: str) -> None:
+    """One vmap-ed unroll of all particles = the particles unrolled one after another (same noise, same tasks)."""
+    torch.manual_seed(0)
+    controller = LRController(policy=PolicyConfig(base_schedule="cosine")).double()
+    with torch.no_grad():
+        controller.net.head.weight.normal_(0, 0.3)
+    spec = create_task_family("wine_mlp").sample(torch.Generator().manual_seed(2))
+    spec = spec.replace(optimizer="adam", base_lr=1e-2, steps=40)
+    results = {}
+    for vectorize in (True, False):
+        estimator = create_estimator(MetaConfig(estimator=name, es_pairs=3, es_sigma=0.05, vectorize=vectorize))
+        run = start_run(build_task(spec), controller, valid_batch_size=32, dtype=torch.float64)
+        state = estimator.init(controller, run)
+        for truncation in range(2):
+            estimate = estimator(controller, run, 10, seed=truncation, state=state)
+            run, state = estimate.run, estimate.state
+        results[vectorize] = estimate
+    vectorised, sequential = results[True], results[False]
+    for a, b in zip(vectorised.grads, sequential.grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+    assert abs(vectorised.meta_loss - sequential.meta_loss) < 1e-9
+    assert vectorised.lrs == pytest.approx(sequential.lrs, rel=1e-9)
+    torch.testing.assert_close(vectorised.run.params, sequential.run.params, rtol=1e-9, atol=1e-12)
+    assert any(float(g.abs().sum()) > 0 for g in vectorised.grads)
 
 
 def test_backend_higher_is_refused_for_the_es_estimators() -> None:

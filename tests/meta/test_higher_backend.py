@@ -12,7 +12,7 @@ from metalr.config import MetaConfig, MetaTrainConfig, build_config  # noqa: E40
 from metalr.controller import LRController  # noqa: E402
 from metalr.features import DEFAULT_GROUPS, FeatureSpec  # noqa: E402
 from metalr.meta.estimators import create_estimator  # noqa: E402
-from metalr.meta.higher_backend import HigherBackendError, higher_unroll  # noqa: E402
+from metalr.meta.higher_backend import HIGHER, HigherBackendError, higher_unroll  # noqa: E402
 from metalr.meta.trainer import meta_train  # noqa: E402
 from metalr.meta.unroll import start_run, unroll  # noqa: E402
 from metalr.tasks import build_task, create_task_family  # noqa: E402
@@ -86,4 +86,4 @@ def test_meta_training_with_the_higher_backend(tmp_path) -> None:
     controller = meta_train(config, tmp_path, progress=False)
     assert (tmp_path / "final.safetensors").exists()
     assert all(torch.isfinite(p).all() for p in controller.parameters())
-    assert create_estimator(MetaConfig(backend="higher")).unroll_fn is higher_unroll
+    assert create_estimator(MetaConfig(backend="higher")).backend is HIGHER

@@ -78,18 +78,43 @@ def create_spec(family: str, steps: int, seed: int = 0, optimizer: str | None = 
     return spec.replace(optimizer=optimizer) if optimizer else spec
 
 
+def _with_faults(task, spike_at: int | None, inf_at: int | None):
+    """The task with a loss spike (x1e4) at train batch ``spike_at`` and an inf loss and gradient at ``inf_at``.
+
+    Batches are recognised by content (both loops draw the same deterministic stream), so the fault hits the
+    same step in the unroll and in the plain loop whatever else calls the loss (validation batches).
+    """
+    stream = task.batches("train")
+    marked = {k: next(stream)["x"] for k in range(max(i for i in (spike_at, inf_at, 0) if i is not None) + 1)}
+    clean = task.loss_fn
+
+    def loss_fn(call, batch):
+        loss = clean(call, batch)
+        if spike_at is not None and torch.equal(batch["x"], marked[spike_at]):
+            return loss * 1e4
+        if inf_at is not None and torch.equal(batch["x"], marked[inf_at]):
+            return loss * float("inf")
+        return loss
+
+    task.loss_fn = loss_fn
+    return task
+
+
+@pytest.mark.parametrize("faults", [(None, None), (8, 24)], ids=["clean", "spike-then-inf"])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-def test_learned_lr_in_a_plain_torch_loop_matches_the_meta_training_unroll(optimizer: str) -> None:
-    """The same frozen controller on the same task and batches gives the same LR trajectory in both places."""
+def test_learned_lr_in_a_plain_torch_loop_matches_the_meta_training_unroll(optimizer: str, faults) -> None:
+    """The same frozen controller on the same task and batches gives the same LR trajectory in both places,
+    also through a loss spike (the guardrail cuts the LR) and an inf gradient (the run turns non-finite)."""
     controller = _random_controller(seed=2).float().requires_grad_(False)
     spec = create_spec("wine_mlp", steps=30, optimizer=optimizer).replace(base_lr=0.01)
-    unrolled = unroll(controller, start_run(build_task(spec), controller), spec.steps, differentiable=False)
+    run = start_run(_with_faults(build_task(spec), *faults), controller)
+    unrolled = unroll(controller, run, spec.steps, differentiable=False)
 
-    task = build_task(spec)
+    task = _with_faults(build_task(spec), *faults)
     optimizer_ = make_torch_optimizer(spec.optimizer, task.model.parameters(), spec.base_lr)
     sched = LearnedLR(optimizer_, controller, total_steps=spec.steps)
     stream = task.batches("train")
-    deployed = []
+    deployed, guard = [], []
     for _ in range(spec.steps):
         deployed.append(sched.get_last_lr()[0])
         loss = task.loss(task.model, next(stream))
@@ -97,8 +122,13 @@ def test_learned_lr_in_a_plain_torch_loop_matches_the_meta_training_unroll(optim
         optimizer_.step()
         sched.step(loss)
         optimizer_.zero_grad()
+        guard.append(sched.guard_triggered)
     assert len(set(round(x, 8) for x in deployed)) > 3, "the controller must actually move the LR"
     torch.testing.assert_close(torch.tensor(deployed), torch.tensor(unrolled.lrs), rtol=1e-4, atol=0)
+    if faults[0] is not None:
+        assert guard[faults[0]] and guard[faults[1]], "both faults must trip the guardrail"
+        assert deployed[faults[0] + 1] < deployed[faults[0]] / 5, "the guard cut the LR after the spike"
+        assert unrolled.alarms >= 2
 
 
 def _tiny_config(**meta: object) -> MetaTrainConfig:
