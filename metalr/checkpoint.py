@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 from metalr.controller import ArchConfig, LRController, PolicyConfig
 from metalr.features import FeatureSpec
 from metalr.io import atomic_write
+from metalr.shipped import list_shipped as list_shipped_files
+from metalr.shipped import resolve_shipped, shipped_dir, source_checkout
 
 FORMAT_VERSION = 1
 METADATA_KEY = "metalr"
@@ -38,21 +40,24 @@ class CheckpointError(ValueError):
 
 def shipped_checkpoint_dir() -> Path:
     """Where ``load_controller(name)`` looks for named controllers (``$METALR_CHECKPOINTS`` overrides)."""
-    env = os.environ.get("METALR_CHECKPOINTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+    return shipped_dir("checkpoints")
 
 
 def list_shipped() -> list[str]:
-    directory = shipped_checkpoint_dir()
-    return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+    """Names of the controllers ``load_controller(name)`` finds."""
+    return list_shipped_files("checkpoints")
 
 
 def git_commit() -> str | None:
-    """The git commit of the source tree, when it is a checkout (provenance only)."""
+    """The git commit of the source checkout metalr runs from, if any (provenance only).
+
+    An installed copy records none, even when its environment happens to sit inside some git repository.
+    """
+    checkout = source_checkout()
+    if checkout is None:
+        return None
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -85,17 +90,7 @@ def save_controller(controller: LRController, path: str | Path, provenance: dict
 
 def resolve_checkpoint(path_or_name: str | os.PathLike[str]) -> Path:
     """A path to an existing file, or the name of a shipped controller."""
-    candidate = Path(path_or_name)
-    if candidate.is_file():
-        return candidate
-    named = shipped_checkpoint_dir() / f"{path_or_name}.safetensors"
-    if named.is_file():
-        return named
-    shipped = list_shipped()
-    raise CheckpointError(
-        f"no controller checkpoint at {str(path_or_name)!r}: not a file, and not a shipped name "
-        f"(shipped: {', '.join(shipped) if shipped else 'none'})"
-    )
+    return resolve_shipped("checkpoints", path_or_name, CheckpointError)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from metalr.checkpoint import CheckpointError
 from metalr.config import ROOT, ConfigError
+from metalr.shipped import resolve_shipped
 from metalr.tasks.datasets.base import DatasetError
 
 
@@ -51,7 +52,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metalr.config import MetaTrainConfig, load_config, load_suite
     from metalr.meta.trainer import MetaTrainingError, meta_train
 
-    config = load_config(MetaTrainConfig, args.recipe, args.overrides)
+    config = load_config(MetaTrainConfig, resolve_shipped("meta_train", args.recipe, UserError), args.overrides)
     load_suite(config.suite)  # validate before creating anything on disk
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
@@ -69,7 +70,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from metalr.config import load_eval_config
     from metalr.evaluation import evaluate_suite
 
-    config = load_eval_config(args.suite, args.overrides)
+    config = load_eval_config(resolve_shipped("evaluate", args.suite, UserError), args.overrides)
     if args.seeds is not None:
         if args.seeds <= 0:
             raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
