@@ -1,7 +1,9 @@
 """One self-describing ``.safetensors`` file per controller.
 
 Tensors hold the weights; the safetensors metadata holds one JSON document (key ``metalr``) with the
-format version, architecture, feature spec, policy (LR bounds, base schedule, guardrail) and provenance.
+format version, architecture, feature spec, policy (LR bounds, base schedule, guardrail), provenance and
+``tensor_sha256``, a SHA-256 of the weights (:func:`tensor_digest`) that is verified on every load, so a
+corrupted download or a flipped bit is an error rather than a silently different controller.
 :func:`load_controller` needs nothing but that file, and loading never unpickles: the safetensors format is
 a JSON header plus raw little-endian buffers, so a crafted file cannot execute code. The metadata and every
 tensor name and shape are validated before any weight is used. Writes are atomic (temporary file in the
@@ -10,8 +12,10 @@ same directory, fsync, rename), so a crash never leaves a torn checkpoint behind
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 from dataclasses import fields
 from pathlib import Path
@@ -27,10 +31,11 @@ from metalr.io import atomic_write
 from metalr.shipped import list_shipped as list_shipped_files
 from metalr.shipped import resolve_shipped, shipped_dir, source_checkout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor_sha256 (required)
 METADATA_KEY = "metalr"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 _MAX_METADATA_BYTES = 1 << 20
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_CONTROLLER_PARAMETERS = 10_000_000  # a [64, 32] MLP has ~3k; refuse anything absurd before allocating
 
 
@@ -83,9 +88,28 @@ def save_controller(controller: LRController, path: str | Path, provenance: dict
         "provenance": {"metalr_version": __version__, "git_commit": git_commit(), **(provenance or {})},
     }
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in controller.net.state_dict().items()}
+    meta["tensor_sha256"] = tensor_digest(tensors)
     header = json.dumps(meta, sort_keys=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
     return path
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a canonical serialisation of ``tensors``, independent of the file layout.
+
+    For each tensor in sorted name order: its name, dtype, shape and raw bytes, each preceded by its length
+    (so no two different dicts serialise alike). The bytes are in native order, little-endian on every
+    platform torch supports, as in safetensors itself.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        for part in (name.encode(), dtype.encode(), json.dumps(list(tensor.shape)).encode(), raw):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike[str]) -> Path:
@@ -105,7 +129,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        raise CheckpointError(f"{path}: {_unreadable(path, err)}") from None
     if raw is None:
         raise CheckpointError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata; not a metalr controller")
     if len(raw) > _MAX_METADATA_BYTES:
@@ -117,14 +141,38 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
+    if version == 1:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version 1 is no longer read; this metalr reads format_version "
+            f"{FORMAT_VERSION}, which adds a checksum of the weights (re-create the controller with this metalr)"
+        )
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: unknown checkpoint format_version {version!r}; this metalr reads version {FORMAT_VERSION}"
         )
+    if not (isinstance(meta.get("tensor_sha256"), str) and _SHA256_HEX.fullmatch(meta["tensor_sha256"])):
+        raise CheckpointError(f"{path}: metadata field 'tensor_sha256' missing or not a lowercase hex SHA-256")
     for key, kind in (("architecture", dict), ("feature_spec", dict), ("policy", dict), ("provenance", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path}: metadata field '{key}' missing or not a {kind.__name__}")
     return meta
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why safetensors could not open ``path``, naming the likely format when it is a pickle in disguise."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        head = b""
+    # torch.save writes a zip archive (PK..) or, with the legacy format, a raw pickle (PROTO opcode 0x80 and
+    # a protocol number). Only consulted once safetensors has failed, so a valid header length can't match.
+    if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return (
+            "not a safetensors file (looks like a PyTorch pickle/zip checkpoint, e.g. torch.save output; "
+            "pickles can execute code on load, so metalr never opens them)"
+        )
+    return f"not a readable safetensors file ({err})"
 
 
 def _typed_config(cls: type, data: dict[str, Any], what: str) -> Any:
@@ -186,6 +234,11 @@ def load_controller(path_or_name: str | os.PathLike[str], device: str | torch.de
             state = {k: handle.get_tensor(k) for k in expected}
     except SafetensorError as err:
         raise CheckpointError(f"{path}: corrupt tensor data ({err})") from None
+    if tensor_digest(state) != meta["tensor_sha256"]:
+        raise CheckpointError(
+            f"{path}: tensor data does not match the checksum in its metadata (tensor_sha256): "
+            "the file is corrupt or was modified after it was written"
+        )
     for key, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: tensor '{key}' contains NaN or inf")

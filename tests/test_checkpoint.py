@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from metalr import CheckpointError, LRController, load_controller, save_controller
-from metalr.checkpoint import METADATA_KEY, read_metadata
+from metalr.checkpoint import FORMAT_VERSION, METADATA_KEY, read_metadata, tensor_digest
 from metalr.controller import ArchConfig, PolicyConfig
 from metalr.features import FeatureSpec
 
@@ -76,9 +76,79 @@ def test_pickle_files_are_refused_and_never_executed(tmp_path: Path) -> None:
         load_controller(pt)
     disguised = tmp_path / "evil.safetensors"
     disguised.write_bytes(blob)
-    with pytest.raises(CheckpointError, match="evil.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"evil.safetensors: not a safetensors file \(looks like a PyTorch pickle/zip"):
         load_controller(disguised)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_torch_save_output_renamed_safetensors_is_named_as_such(tmp_path: Path, legacy: bool) -> None:
+    path = tmp_path / "renamed.safetensors"
+    torch.save(LRController().state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    assert path.read_bytes().startswith(b"\x80" if legacy else b"PK\x03\x04")
+    with pytest.raises(CheckpointError, match=r"renamed.safetensors: not a safetensors file \(looks like a PyTorch pickle/zip checkpoint"):
+        load_controller(path)
+
+
+def _tensor_data_offset(path: Path) -> int:
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_flipped_bytes_in_the_tensor_data_fail_the_checksum(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    start = _tensor_data_offset(path)
+    for i in range(60):  # the issue's report: 60 flipped bytes loaded silently
+        data[start + 37 * i] ^= 0x01  # lowest mantissa bit: the weights stay finite and plausible
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"c.safetensors: tensor data does not match the checksum"):
+        load_controller(path)
+
+
+def test_one_flipped_bit_fails_the_checksum(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_controller(path)
+
+
+def test_the_digest_covers_names_dtypes_shapes_and_bytes_not_the_layout() -> None:
+    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4)
+    reference = tensor_digest({"a": a, "b": b})
+    assert tensor_digest({"b": b, "a": a}) == reference  # insertion order is not part of it
+    assert tensor_digest({"a": a.t().contiguous().t(), "b": b}) == reference  # nor memory layout
+    for changed in (
+        {"a": b, "b": a},  # names
+        {"a": a.double(), "b": b},  # dtype
+        {"a": a.reshape(3, 2), "b": b},  # shape, same bytes
+        {"a": a, "b": b * (1 + 1e-7)},  # bytes
+        {"ab": a, "": b},  # boundaries between fields
+    ):
+        assert tensor_digest(changed) != reference
+
+
+def test_the_digest_ignores_safetensors_layout(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    meta = read_metadata(path)
+
+    def reorder(m, tensors):  # same tensors, written in the opposite order with other metadata spacing
+        items = list(tensors.items())[::-1]
+        tensors.clear()
+        tensors.update(items)
+
+    _rewrite_metadata(path, reorder, rehash=False)
+    assert read_metadata(path)["tensor_sha256"] == meta["tensor_sha256"]
+    load_controller(path)
+
+
+def test_version_1_files_are_refused_naming_both_versions(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "old.safetensors")
+    _rewrite_metadata(path, lambda m, t: (m.update(format_version=1), m.pop("tensor_sha256")))
+    assert FORMAT_VERSION == 2
+    with pytest.raises(CheckpointError, match="old.safetensors: checkpoint format_version 1 is no longer read; this metalr reads format_version 2"):
+        load_controller(path)
 
 
 def test_truncated_file_is_refused(tmp_path: Path) -> None:
@@ -89,13 +159,17 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
         load_controller(path)
 
 
-def _rewrite_metadata(path: Path, edit) -> None:
+def _rewrite_metadata(path: Path, edit, rehash: bool = True) -> None:
+    """Apply ``edit(meta, tensors)`` and rewrite the file; ``rehash`` keeps the checksum valid, as a forger would."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()[METADATA_KEY])
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    digest = meta.get("tensor_sha256")
     edit(meta, tensors)
+    if rehash and digest is not None and meta.get("tensor_sha256") == digest:  # unless the edit is to the digest
+        meta["tensor_sha256"] = tensor_digest(tensors)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
 
 
@@ -111,6 +185,8 @@ def _rewrite_metadata(path: Path, edit) -> None:
         (lambda m, t: m["policy"].update(min_lr=-1.0), "need 0 < min_lr < max_lr"),
         (lambda m, t: m["policy"].update(exec="rm -rf /"), "unknown policy field"),
         (lambda m, t: m.pop("provenance"), "'provenance' missing"),
+        (lambda m, t: m.pop("tensor_sha256"), "'tensor_sha256' missing"),
+        (lambda m, t: m.update(tensor_sha256="0" * 63), "'tensor_sha256' missing or not a lowercase hex SHA-256"),
         (lambda m, t: t.update({"head.weight": torch.zeros(2, 32)}), "do not match the architecture's expected shapes"),
         (lambda m, t: t["head.bias"].fill_(float("nan")), "contains NaN or inf"),
     ],
