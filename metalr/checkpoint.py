@@ -3,7 +3,9 @@
 Tensors hold the weights; the safetensors metadata holds one JSON document (key ``metalr``) with the
 format version, architecture, feature spec, policy (LR bounds, base schedule, guardrail), provenance and
 ``tensor_sha256``, a SHA-256 of the weights (:func:`tensor_digest`) that is verified on every load, so a
-corrupted download or a flipped bit is an error rather than a silently different controller.
+corrupted download or a flipped bit is an error rather than a silently different controller. The optional
+``optimizer_family`` (``"adam"``, ``"sgd"`` or null) says which base optimizers the controller was
+meta-trained for; :func:`default_controller_name` picks a shipped controller by it.
 :func:`load_controller` needs nothing but that file, and loading never unpickles: the safetensors format is
 a JSON header plus raw little-endian buffers, so a crafted file cannot execute code. The metadata and every
 tensor name and shape are validated before any weight is used. Writes are atomic (temporary file in the
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,48 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_CONTROLLER_PARAMETERS = 10_000_000  # a [64, 32] MLP has ~3k; refuse anything absurd before allocating
 
 
+# Base-optimizer names of the task families -> the controller family meta-trained for them. Heavy-ball
+# momentum is SGD's family, not one of its own: the shipped SGD controller is meta-trained on both.
+OPTIMIZER_FAMILY_OF_NAME: dict[str, str] = {"sgd": "sgd", "momentum": "sgd", "adam": "adam", "adamw": "adam"}
+OPTIMIZER_FAMILIES = ("adam", "sgd")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def optimizer_family(optimizer: torch.optim.Optimizer) -> str:
+    """The controller family for a ``torch.optim`` optimizer.
+
+    ``torch.optim.Adam`` and ``AdamW`` (and their subclasses) are ``"adam"``; ``torch.optim.SGD``, with or
+    without momentum, is ``"sgd"``.
+
+    Raises:
+        ValueError: any other optimizer (the message names its class and the supported families).
+    """
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    kind = type(optimizer)
+    raise ValueError(
+        f"no controller family for {kind.__module__}.{kind.__qualname__}; supported: 'adam' (torch.optim.Adam, "
+        "AdamW and their subclasses) and 'sgd' (torch.optim.SGD, with or without momentum)"
+    )
+
+
+def family_of_optimizer_names(names: Iterable[str]) -> str | None:
+    """The one family of base-optimizer names (``sgd``, ``momentum``, ``adam``, ``adamw``), or ``None`` if mixed.
+
+    Raises:
+        ValueError: an unknown optimizer name.
+    """
+    families = set()
+    for name in names:
+        if name not in OPTIMIZER_FAMILY_OF_NAME:
+            raise ValueError(f"unknown base optimizer {name!r}; expected one of {sorted(OPTIMIZER_FAMILY_OF_NAME)}")
+        families.add(OPTIMIZER_FAMILY_OF_NAME[name])
+    return families.pop() if len(families) == 1 else None
 
 
 def shipped_checkpoint_dir() -> Path:
@@ -68,7 +111,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def save_controller(controller: LRController, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+def save_controller(
+    controller: LRController,
+    path: str | Path,
+    provenance: dict[str, Any] | None = None,
+    *,
+    optimizer_family: str | None = None,
+) -> Path:
     """Write ``controller`` to ``path`` (a ``.safetensors`` file), atomically.
 
     Args:
@@ -76,15 +125,22 @@ def save_controller(controller: LRController, path: str | Path, provenance: dict
         path: destination; must end in ``.safetensors``.
         provenance: free-form JSON-serialisable facts (recipe, task suite, meta-steps, ...). The package
             version and git commit are added.
+        optimizer_family: ``"adam"`` or ``"sgd"``, the base optimizers it was meta-trained for; default: the
+            controller's own ``optimizer_family`` attribute (set by the meta-trainer and by
+            :func:`load_controller`), else ``None`` (mixed or unknown).
     """
     from metalr import __version__
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: controller checkpoints must end in .safetensors")
+    family = optimizer_family if optimizer_family is not None else getattr(controller, "optimizer_family", None)
+    if family is not None and family not in OPTIMIZER_FAMILIES:
+        raise ValueError(f"optimizer_family must be one of {list(OPTIMIZER_FAMILIES)} or None, got {family!r}")
     meta = {
         "format_version": FORMAT_VERSION,
         **controller.describe(),
+        "optimizer_family": family,
         "provenance": {"metalr_version": __version__, "git_commit": git_commit(), **(provenance or {})},
     }
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in controller.net.state_dict().items()}
@@ -152,6 +208,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         )
     if not (isinstance(meta.get("tensor_sha256"), str) and _SHA256_HEX.fullmatch(meta["tensor_sha256"])):
         raise CheckpointError(f"{path}: metadata field 'tensor_sha256' missing or not a lowercase hex SHA-256")
+    if meta.get("optimizer_family") not in (None, *OPTIMIZER_FAMILIES):
+        raise CheckpointError(
+            f"{path}: unknown optimizer_family {meta['optimizer_family']!r}; expected one of "
+            f"{list(OPTIMIZER_FAMILIES)} or null"
+        )
     for key, kind in (("architecture", dict), ("feature_spec", dict), ("policy", dict), ("provenance", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path}: metadata field '{key}' missing or not a {kind.__name__}")
@@ -173,6 +234,34 @@ def _unreadable(path: Path, err: Exception) -> str:
             "pickles can execute code on load, so metalr never opens them)"
         )
     return f"not a readable safetensors file ({err})"
+
+
+def default_controller_name(optimizer: torch.optim.Optimizer) -> str:
+    """The shipped controller meta-trained for ``optimizer``'s family (see :func:`optimizer_family`).
+
+    The choice reads each shipped checkpoint's own ``optimizer_family`` metadata (no table of names), in
+    :func:`shipped_checkpoint_dir`. When several match, the alphabetically first name wins.
+
+    Example:
+        >>> default_controller_name(torch.optim.AdamW(model.parameters()))   # doctest: +SKIP
+        'adam-cpu'
+
+    Raises:
+        ValueError: an optimizer outside the supported families.
+        CheckpointError: no shipped controller is meta-trained for that family (the message lists each
+            shipped controller with its family), or a shipped checkpoint is unreadable.
+    """
+    family = optimizer_family(optimizer)
+    directory = shipped_checkpoint_dir()
+    families = {name: read_metadata(directory / f"{name}.safetensors").get("optimizer_family") for name in list_shipped()}
+    matching = [name for name in sorted(families) if families[name] == family]
+    if not matching:
+        shipped = ", ".join(f"{name} ({families[name] or 'no family'})" for name in sorted(families)) or "none"
+        raise CheckpointError(
+            f"no shipped controller is meta-trained for {family!r} optimizers like {type(optimizer).__name__}; "
+            f"shipped in {directory}: {shipped}"
+        )
+    return matching[0]
 
 
 def _typed_config(cls: type, data: dict[str, Any], what: str) -> Any:
@@ -244,5 +333,6 @@ def load_controller(path_or_name: str | os.PathLike[str], device: str | torch.de
             raise CheckpointError(f"{path}: tensor '{key}' contains NaN or inf")
     controller.net.load_state_dict(state)
     controller.provenance = dict(meta["provenance"])  # type: ignore[assignment]
+    controller.optimizer_family = meta.get("optimizer_family")  # type: ignore[assignment]
     controller.source_path = str(path)  # type: ignore[assignment]
     return controller.to(device).eval().requires_grad_(False)

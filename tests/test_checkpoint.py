@@ -13,7 +13,15 @@ import torch
 from safetensors.torch import save_file
 
 from metalr import CheckpointError, LRController, load_controller, save_controller
-from metalr.checkpoint import FORMAT_VERSION, METADATA_KEY, read_metadata, tensor_digest
+from metalr.checkpoint import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    default_controller_name,
+    family_of_optimizer_names,
+    optimizer_family,
+    read_metadata,
+    tensor_digest,
+)
 from metalr.controller import ArchConfig, PolicyConfig
 from metalr.features import FeatureSpec
 
@@ -218,3 +226,91 @@ def test_shipped_names_resolve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert load_controller("mine").feature_spec.groups == ("loss", "grad", "progress")
     with pytest.raises(CheckpointError, match="shipped: mine"):
         load_controller("theirs")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer families: which base optimizers a controller was meta-trained for, and the default by family.
+
+
+class _MyAdam(torch.optim.Adam):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("make", "family"),
+    [
+        (lambda p: torch.optim.Adam(p), "adam"),
+        (lambda p: torch.optim.AdamW(p), "adam"),
+        (lambda p: _MyAdam(p), "adam"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "sgd"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "sgd"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "sgd"),
+    ],
+)
+def test_optimizer_family_of_torch_optimizers(make, family: str) -> None:
+    assert optimizer_family(make(torch.nn.Linear(2, 1).parameters())) == family
+
+
+@pytest.mark.parametrize("make", [torch.optim.RMSprop, torch.optim.NAdam, torch.optim.Adagrad])
+def test_other_optimizers_have_no_family(make) -> None:
+    optimizer = make(torch.nn.Linear(2, 1).parameters())
+    with pytest.raises(ValueError, match=rf"no controller family for torch\.optim\..*{make.__name__}; supported: 'adam' .* 'sgd'"):
+        optimizer_family(optimizer)
+
+
+def test_family_of_base_optimizer_names() -> None:
+    assert family_of_optimizer_names(["adam", "adamw"]) == "adam"
+    assert family_of_optimizer_names(["sgd", "momentum"]) == "sgd"
+    assert family_of_optimizer_names(["sgd", "momentum", "adam"]) is None
+    assert family_of_optimizer_names([]) is None
+    with pytest.raises(ValueError, match="unknown base optimizer 'lion'"):
+        family_of_optimizer_names(["adam", "lion"])
+
+
+def test_the_family_is_saved_loaded_and_kept_when_resaved(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "a.safetensors", optimizer_family="adam")
+    assert read_metadata(path)["optimizer_family"] == "adam"
+    loaded = load_controller(path)
+    assert loaded.optimizer_family == "adam"
+    assert load_controller(save_controller(loaded, tmp_path / "again.safetensors")).optimizer_family == "adam"
+    assert load_controller(save_controller(_trained_like(), tmp_path / "none.safetensors")).optimizer_family is None
+    with pytest.raises(ValueError, match=r"optimizer_family must be one of \['adam', 'sgd'\] or None, got 'momentum'"):
+        save_controller(_trained_like(), tmp_path / "bad.safetensors", optimizer_family="momentum")
+
+
+def test_a_file_without_the_family_field_loads_as_none(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors", optimizer_family="sgd")
+    _rewrite_metadata(path, lambda m, t: m.pop("optimizer_family"))
+    assert load_controller(path).optimizer_family is None
+
+
+def test_an_unknown_family_in_a_file_is_refused(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    _rewrite_metadata(path, lambda m, t: m.update(optimizer_family="rmsprop"))
+    with pytest.raises(CheckpointError, match=r"c.safetensors: unknown optimizer_family 'rmsprop'; expected one of \['adam', 'sgd'\] or null"):
+        load_controller(path)
+
+
+def _params() -> list[torch.nn.Parameter]:
+    return list(torch.nn.Linear(2, 1).parameters())
+
+
+def test_the_default_controller_is_chosen_by_the_checkpoints_own_family(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name, family in [("zz-adam", "adam"), ("b-adam", "adam"), ("a-mixed", None), ("sgd-x", "sgd")]:
+        save_controller(_trained_like(), tmp_path / f"{name}.safetensors", optimizer_family=family)
+    monkeypatch.setenv("METALR_CHECKPOINTS", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    Path("b-adam").write_text("a file in the working directory is not a shipped controller")
+    assert default_controller_name(torch.optim.AdamW(_params())) == "b-adam"  # alphabetical among the adam ones
+    assert default_controller_name(torch.optim.SGD(_params(), lr=0.1, momentum=0.9)) == "sgd-x"
+    assert load_controller(default_controller_name(torch.optim.SGD(_params(), lr=0.1))).optimizer_family == "sgd"
+
+
+def test_no_matching_controller_lists_the_shipped_ones_and_their_families(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    save_controller(_trained_like(), tmp_path / "mixed.safetensors")
+    save_controller(_trained_like(), tmp_path / "adam-only.safetensors", optimizer_family="adam")
+    monkeypatch.setenv("METALR_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(CheckpointError, match=rf"no shipped controller is meta-trained for 'sgd' optimizers like SGD; shipped in {tmp_path}: adam-only \(adam\), mixed \(no family\)"):
+        default_controller_name(torch.optim.SGD(_params(), lr=0.1))
+    with pytest.raises(ValueError, match="no controller family"):
+        default_controller_name(torch.optim.RMSprop(_params()))
