@@ -168,8 +168,20 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def resolve_checkpoint(path_or_name: str | os.PathLike[str]) -> Path:
-    """A path to an existing file, or the name of a shipped controller."""
+def resolve_checkpoint(path_or_name: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """The local file of a controller: a path, a shipped name, or a ``hf://`` reference (downloaded, cached).
+
+    Args:
+        path_or_name: a ``.safetensors`` path (an existing one wins over a name), a shipped name, or
+            ``hf://owner/repo[@revision][/file.safetensors]`` (see :mod:`metalr.hub`).
+        revision: the Hub branch, tag or commit, for ``hf://`` references only.
+    """
+    if isinstance(path_or_name, str) and path_or_name.startswith("hf://"):
+        from metalr.hub import download_controller  # the Hub client is imported only for Hub references
+
+        return download_controller(path_or_name, revision)
+    if revision is not None:
+        raise CheckpointError(f"revision={revision!r} applies only to hf:// references, not to {str(path_or_name)!r}")
     return resolve_shipped("checkpoints", path_or_name, CheckpointError)
 
 
@@ -296,17 +308,25 @@ def controller_from_metadata(meta: dict[str, Any]) -> LRController:
     return LRController(spec, policy, arch)
 
 
-def load_controller(path_or_name: str | os.PathLike[str], device: str | torch.device = "cpu") -> LRController:
-    """Load a frozen controller from a ``.safetensors`` file or a shipped name.
+def load_controller(
+    path_or_name: str | os.PathLike[str], device: str | torch.device = "cpu", *, revision: str | None = None
+) -> LRController:
+    """Load a frozen controller from a ``.safetensors`` file, a shipped name or the Hugging Face Hub.
 
     Example:
         >>> controller = load_controller("checkpoints/demo.safetensors")   # or load_controller("demo")
+        >>> controller = load_controller("hf://owner/repo@v1")             # doctest: +SKIP
+
+    Args:
+        path_or_name: see :func:`resolve_checkpoint`.
+        device: where the controller's weights go.
+        revision: Hub branch, tag or commit (``hf://`` references only; or write ``hf://owner/repo@revision``).
 
     Raises:
         CheckpointError: the file is missing, not safetensors, corrupt, of an unknown format version, or
             describes features/architecture this version cannot build, or its tensors do not match.
     """
-    path = resolve_checkpoint(path_or_name)
+    path = resolve_checkpoint(path_or_name, revision)
     meta = read_metadata(path)
     try:
         controller = controller_from_metadata(meta)

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from metalr.checkpoint import CheckpointError
 from metalr.config import ROOT, ConfigError
+from metalr.hub import DEFAULT_FILENAME as HUB_FILENAME
 from metalr.shipped import resolve_shipped
 from metalr.tasks.datasets.base import DatasetError
 
@@ -122,6 +123,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from metalr.hub import push_controller
+
+    try:
+        url = push_controller(args.checkpoint, args.repo_id, filename=args.filename, private=args.private or None)
+    except OSError as err:  # the Hub refused or could not be reached (not logged in, no network, ...)
+        raise UserError(f"pushing {args.checkpoint} to {args.repo_id} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    print(f"pushed {args.checkpoint} to {args.repo_id}: {url}")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     import json
 
@@ -203,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="evaluation worker processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    # The token comes from `hf auth login` or $HF_TOKEN, never from the command line (shell history).
+    p = sub.add_parser("push", help="upload a controller checkpoint and its model card to the Hugging Face Hub")
+    p.add_argument("checkpoint", help="checkpoint path or shipped name")
+    p.add_argument("repo_id", help="Hub model repository, owner/name (created when missing)")
+    p.add_argument("--filename", default=HUB_FILENAME, help=f"file name in the repository (default {HUB_FILENAME})")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("tasks", help="list task families or show sampled specs")
     p.add_argument("action", choices=("list", "show"))
