@@ -323,8 +323,9 @@ def load_controller(
         revision: Hub branch, tag or commit (``hf://`` references only; or write ``hf://owner/repo@revision``).
 
     Raises:
-        CheckpointError: the file is missing, not safetensors, corrupt, of an unknown format version, or
-            describes features/architecture this version cannot build, or its tensors do not match.
+        CheckpointError: the file is missing, not safetensors, corrupt (including a weight checksum that
+            does not match), of an unknown format version, or describes features/architecture this version
+            cannot build, or its tensors do not match; or a Hub reference cannot be resolved.
     """
     path = resolve_checkpoint(path_or_name, revision)
     meta = read_metadata(path)
