@@ -13,6 +13,8 @@ from typing import NoReturn
 
 from metalr.checkpoint import CheckpointError
 from metalr.config import ROOT, ConfigError
+from metalr.hub import DEFAULT_FILENAME as HUB_FILENAME
+from metalr.shipped import resolve_shipped
 from metalr.tasks.datasets.base import DatasetError
 
 
@@ -51,7 +53,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metalr.config import MetaTrainConfig, load_config, load_suite
     from metalr.meta.trainer import MetaTrainingError, meta_train
 
-    config = load_config(MetaTrainConfig, args.recipe, args.overrides)
+    config = load_config(MetaTrainConfig, resolve_shipped("meta_train", args.recipe, UserError), args.overrides)
     load_suite(config.suite)  # validate before creating anything on disk
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
@@ -69,7 +71,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from metalr.config import load_eval_config
     from metalr.evaluation import evaluate_suite
 
-    config = load_eval_config(args.suite, args.overrides)
+    config = load_eval_config(resolve_shipped("evaluate", args.suite, UserError), args.overrides)
     if args.seeds is not None:
         if args.seeds <= 0:
             raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
@@ -118,6 +120,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).touch()
     print(run_demo(out, quick=args.quick, progress=not args.no_progress, workers=args.workers))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from metalr.hub import push_controller
+
+    try:
+        url = push_controller(args.checkpoint, args.repo_id, filename=args.filename, private=args.private or None)
+    except OSError as err:  # the Hub refused or could not be reached (not logged in, no network, ...)
+        raise UserError(f"pushing {args.checkpoint} to {args.repo_id} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    print(f"pushed {args.checkpoint} to {args.repo_id}: {url}")
     return 0
 
 
@@ -202,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="evaluation worker processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    # The token comes from `hf auth login` or $HF_TOKEN, never from the command line (shell history).
+    p = sub.add_parser("push", help="upload a controller checkpoint and its model card to the Hugging Face Hub")
+    p.add_argument("checkpoint", help="checkpoint path or shipped name")
+    p.add_argument("repo_id", help="Hub model repository, owner/name (created when missing)")
+    p.add_argument("--filename", default=HUB_FILENAME, help=f"file name in the repository (default {HUB_FILENAME})")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("tasks", help="list task families or show sampled specs")
     p.add_argument("action", choices=("list", "show"))

@@ -19,6 +19,7 @@ import yaml
 
 from metalr.features import DEFAULT_GROUPS
 from metalr.io import atomic_write_text
+from metalr.shipped import resolve_shipped
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -306,15 +307,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def resolve_suite_path(name_or_path: str) -> Path:
-    """A suite YAML path, or a name in the repository's ``tasks/`` folder."""
-    candidate = Path(name_or_path)
-    if candidate.is_file():
-        return candidate
-    named = ROOT / "tasks" / f"{name_or_path}.yaml"
-    if named.is_file():
-        return named
-    available = sorted(p.stem for p in (ROOT / "tasks").glob("*.yaml"))
-    raise ConfigError(f"task suite {name_or_path!r} is neither a file nor one of: {', '.join(available)}")
+    """A suite YAML path, or the name of a shipped suite (``tasks/``)."""
+    return resolve_shipped("tasks", name_or_path, ConfigError)
 
 
 def load_suite(name_or_path: str) -> SuiteConfig:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metalr.config import ROOT, MetaTrainConfig, load_config, load_eval_config
+from metalr.config import MetaTrainConfig, load_config, load_eval_config
+from metalr.shipped import shipped_dir
 
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True, workers: int = 0) -> str:
@@ -23,13 +24,14 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, workers: int
     from metalr.meta.trainer import meta_train
 
     suffix = "-quick" if quick else ""
-    recipe = ROOT / "meta_train" / f"demo{suffix}.yaml"
-    suite = ROOT / "evaluate" / f"demo{suffix}.yaml"
+    # Always the shipped files: a file called "demo" in the working directory is not the demo.
+    recipe = shipped_dir("meta_train") / f"demo{suffix}.yaml"
+    suite = shipped_dir("evaluate") / f"demo{suffix}.yaml"
     config = load_config(MetaTrainConfig, recipe)
     eval_config = load_eval_config(suite)
     controller_dir = out / "controller"
     if not (controller_dir / "final.safetensors").exists():
-        print(f"[1/2] meta-training a controller ({recipe.relative_to(ROOT)}) -> {controller_dir}")
+        print(f"[1/2] meta-training a controller (recipe {recipe.stem}) -> {controller_dir}")
         meta_train(config, controller_dir, progress=progress)
     else:
         print(f"[1/2] using the controller already in {controller_dir}")
@@ -38,7 +40,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, workers: int
     # validation checkpoints and uses its final controller.
     best = controller_dir / "best.safetensors"
     controller_path = best if best.exists() else controller_dir / "final.safetensors"
-    print(f"[2/2] evaluating on held-out embedded tasks ({suite.relative_to(ROOT)}) -> {out / 'evaluation'}")
+    print(f"[2/2] evaluating on held-out embedded tasks (suite {suite.stem}) -> {out / 'evaluation'}")
     summary = evaluate_suite(
         eval_config,
         controller=str(controller_path),

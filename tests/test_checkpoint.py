@@ -13,7 +13,15 @@ import torch
 from safetensors.torch import save_file
 
 from metalr import CheckpointError, LRController, load_controller, save_controller
-from metalr.checkpoint import METADATA_KEY, read_metadata
+from metalr.checkpoint import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    default_controller_name,
+    family_of_optimizer_names,
+    optimizer_family,
+    read_metadata,
+    tensor_digest,
+)
 from metalr.controller import ArchConfig, PolicyConfig
 from metalr.features import FeatureSpec
 
@@ -76,9 +84,79 @@ def test_pickle_files_are_refused_and_never_executed(tmp_path: Path) -> None:
         load_controller(pt)
     disguised = tmp_path / "evil.safetensors"
     disguised.write_bytes(blob)
-    with pytest.raises(CheckpointError, match="evil.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"evil.safetensors: not a safetensors file \(looks like a PyTorch pickle/zip"):
         load_controller(disguised)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_torch_save_output_renamed_safetensors_is_named_as_such(tmp_path: Path, legacy: bool) -> None:
+    path = tmp_path / "renamed.safetensors"
+    torch.save(LRController().state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    assert path.read_bytes().startswith(b"\x80" if legacy else b"PK\x03\x04")
+    with pytest.raises(CheckpointError, match=r"renamed.safetensors: not a safetensors file \(looks like a PyTorch pickle/zip checkpoint"):
+        load_controller(path)
+
+
+def _tensor_data_offset(path: Path) -> int:
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_flipped_bytes_in_the_tensor_data_fail_the_checksum(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    start = _tensor_data_offset(path)
+    for i in range(60):  # the issue's report: 60 flipped bytes loaded silently
+        data[start + 37 * i] ^= 0x01  # lowest mantissa bit: the weights stay finite and plausible
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"c.safetensors: tensor data does not match the checksum"):
+        load_controller(path)
+
+
+def test_one_flipped_bit_fails_the_checksum(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_controller(path)
+
+
+def test_the_digest_covers_names_dtypes_shapes_and_bytes_not_the_layout() -> None:
+    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4)
+    reference = tensor_digest({"a": a, "b": b})
+    assert tensor_digest({"b": b, "a": a}) == reference  # insertion order is not part of it
+    assert tensor_digest({"a": a.t().contiguous().t(), "b": b}) == reference  # nor memory layout
+    for changed in (
+        {"a": b, "b": a},  # names
+        {"a": a.double(), "b": b},  # dtype
+        {"a": a.reshape(3, 2), "b": b},  # shape, same bytes
+        {"a": a, "b": b * (1 + 1e-7)},  # bytes
+        {"ab": a, "": b},  # boundaries between fields
+    ):
+        assert tensor_digest(changed) != reference
+
+
+def test_the_digest_ignores_safetensors_layout(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    meta = read_metadata(path)
+
+    def reorder(m, tensors):  # same tensors, written in the opposite order with other metadata spacing
+        items = list(tensors.items())[::-1]
+        tensors.clear()
+        tensors.update(items)
+
+    _rewrite_metadata(path, reorder, rehash=False)
+    assert read_metadata(path)["tensor_sha256"] == meta["tensor_sha256"]
+    load_controller(path)
+
+
+def test_version_1_files_are_refused_naming_both_versions(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "old.safetensors")
+    _rewrite_metadata(path, lambda m, t: (m.update(format_version=1), m.pop("tensor_sha256")))
+    assert FORMAT_VERSION == 2
+    with pytest.raises(CheckpointError, match="old.safetensors: checkpoint format_version 1 is no longer read; this metalr reads format_version 2"):
+        load_controller(path)
 
 
 def test_truncated_file_is_refused(tmp_path: Path) -> None:
@@ -89,13 +167,17 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
         load_controller(path)
 
 
-def _rewrite_metadata(path: Path, edit) -> None:
+def _rewrite_metadata(path: Path, edit, rehash: bool = True) -> None:
+    """Apply ``edit(meta, tensors)`` and rewrite the file; ``rehash`` keeps the checksum valid, as a forger would."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()[METADATA_KEY])
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    digest = meta.get("tensor_sha256")
     edit(meta, tensors)
+    if rehash and digest is not None and meta.get("tensor_sha256") == digest:  # unless the edit is to the digest
+        meta["tensor_sha256"] = tensor_digest(tensors)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
 
 
@@ -111,6 +193,8 @@ def _rewrite_metadata(path: Path, edit) -> None:
         (lambda m, t: m["policy"].update(min_lr=-1.0), "need 0 < min_lr < max_lr"),
         (lambda m, t: m["policy"].update(exec="rm -rf /"), "unknown policy field"),
         (lambda m, t: m.pop("provenance"), "'provenance' missing"),
+        (lambda m, t: m.pop("tensor_sha256"), "'tensor_sha256' missing"),
+        (lambda m, t: m.update(tensor_sha256="0" * 63), "'tensor_sha256' missing or not a lowercase hex SHA-256"),
         (lambda m, t: t.update({"head.weight": torch.zeros(2, 32)}), "do not match the architecture's expected shapes"),
         (lambda m, t: t["head.bias"].fill_(float("nan")), "contains NaN or inf"),
     ],
@@ -142,3 +226,91 @@ def test_shipped_names_resolve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert load_controller("mine").feature_spec.groups == ("loss", "grad", "progress")
     with pytest.raises(CheckpointError, match="shipped: mine"):
         load_controller("theirs")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer families: which base optimizers a controller was meta-trained for, and the default by family.
+
+
+class _MyAdam(torch.optim.Adam):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("make", "family"),
+    [
+        (lambda p: torch.optim.Adam(p), "adam"),
+        (lambda p: torch.optim.AdamW(p), "adam"),
+        (lambda p: _MyAdam(p), "adam"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "sgd"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "sgd"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "sgd"),
+    ],
+)
+def test_optimizer_family_of_torch_optimizers(make, family: str) -> None:
+    assert optimizer_family(make(torch.nn.Linear(2, 1).parameters())) == family
+
+
+@pytest.mark.parametrize("make", [torch.optim.RMSprop, torch.optim.NAdam, torch.optim.Adagrad])
+def test_other_optimizers_have_no_family(make) -> None:
+    optimizer = make(torch.nn.Linear(2, 1).parameters())
+    with pytest.raises(ValueError, match=rf"no controller family for torch\.optim\..*{make.__name__}; supported: 'adam' .* 'sgd'"):
+        optimizer_family(optimizer)
+
+
+def test_family_of_base_optimizer_names() -> None:
+    assert family_of_optimizer_names(["adam", "adamw"]) == "adam"
+    assert family_of_optimizer_names(["sgd", "momentum"]) == "sgd"
+    assert family_of_optimizer_names(["sgd", "momentum", "adam"]) is None
+    assert family_of_optimizer_names([]) is None
+    with pytest.raises(ValueError, match="unknown base optimizer 'lion'"):
+        family_of_optimizer_names(["adam", "lion"])
+
+
+def test_the_family_is_saved_loaded_and_kept_when_resaved(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "a.safetensors", optimizer_family="adam")
+    assert read_metadata(path)["optimizer_family"] == "adam"
+    loaded = load_controller(path)
+    assert loaded.optimizer_family == "adam"
+    assert load_controller(save_controller(loaded, tmp_path / "again.safetensors")).optimizer_family == "adam"
+    assert load_controller(save_controller(_trained_like(), tmp_path / "none.safetensors")).optimizer_family is None
+    with pytest.raises(ValueError, match=r"optimizer_family must be one of \['adam', 'sgd'\] or None, got 'momentum'"):
+        save_controller(_trained_like(), tmp_path / "bad.safetensors", optimizer_family="momentum")
+
+
+def test_a_file_without_the_family_field_loads_as_none(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors", optimizer_family="sgd")
+    _rewrite_metadata(path, lambda m, t: m.pop("optimizer_family"))
+    assert load_controller(path).optimizer_family is None
+
+
+def test_an_unknown_family_in_a_file_is_refused(tmp_path: Path) -> None:
+    path = save_controller(_trained_like(), tmp_path / "c.safetensors")
+    _rewrite_metadata(path, lambda m, t: m.update(optimizer_family="rmsprop"))
+    with pytest.raises(CheckpointError, match=r"c.safetensors: unknown optimizer_family 'rmsprop'; expected one of \['adam', 'sgd'\] or null"):
+        load_controller(path)
+
+
+def _params() -> list[torch.nn.Parameter]:
+    return list(torch.nn.Linear(2, 1).parameters())
+
+
+def test_the_default_controller_is_chosen_by_the_checkpoints_own_family(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name, family in [("zz-adam", "adam"), ("b-adam", "adam"), ("a-mixed", None), ("sgd-x", "sgd")]:
+        save_controller(_trained_like(), tmp_path / f"{name}.safetensors", optimizer_family=family)
+    monkeypatch.setenv("METALR_CHECKPOINTS", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    Path("b-adam").write_text("a file in the working directory is not a shipped controller")
+    assert default_controller_name(torch.optim.AdamW(_params())) == "b-adam"  # alphabetical among the adam ones
+    assert default_controller_name(torch.optim.SGD(_params(), lr=0.1, momentum=0.9)) == "sgd-x"
+    assert load_controller(default_controller_name(torch.optim.SGD(_params(), lr=0.1))).optimizer_family == "sgd"
+
+
+def test_no_matching_controller_lists_the_shipped_ones_and_their_families(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    save_controller(_trained_like(), tmp_path / "mixed.safetensors")
+    save_controller(_trained_like(), tmp_path / "adam-only.safetensors", optimizer_family="adam")
+    monkeypatch.setenv("METALR_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(CheckpointError, match=rf"no shipped controller is meta-trained for 'sgd' optimizers like SGD; shipped in {tmp_path}: adam-only \(adam\), mixed \(no family\)"):
+        default_controller_name(torch.optim.SGD(_params(), lr=0.1))
+    with pytest.raises(ValueError, match="no controller family"):
+        default_controller_name(torch.optim.RMSprop(_params()))

@@ -42,9 +42,9 @@ def test_methods_list(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["meta-train", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["meta-train", "missing.yaml"], "no meta-training recipe at 'missing.yaml': not a file, and not a shipped name"),
         (["meta-train", "meta_train/demo-quick.yaml", "meta.nope=1"], "unknown key meta.nope; allowed keys:"),
-        (["meta-train", "meta_train/demo-quick.yaml", "suite=nowhere"], "task suite 'nowhere' is neither a file nor one of"),
+        (["meta-train", "meta_train/demo-quick.yaml", "suite=nowhere"], "no task suite at 'nowhere': not a file, and not a shipped name"),
         (["tasks", "show", "nope"], "unknown task family 'nope'"),
         (["tasks", "show", "wine_mlp", "--sample", "0"], "--sample must be a positive integer"),
         (["report", "/nonexistent"], "has no results.jsonl"),

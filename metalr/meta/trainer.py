@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from metalr.checkpoint import save_controller
+from metalr.checkpoint import family_of_optimizer_names, save_controller
 from metalr.config import (
     ConfigError,
     ControllerConfig,
@@ -71,7 +71,7 @@ from metalr.meta.state import (
 )
 from metalr.meta.truncation import make_truncation_schedule
 from metalr.meta.unroll import InnerRun, start_run, unroll
-from metalr.tasks import TaskSpec, build_task, create_task_family
+from metalr.tasks import SamplingConfig, TaskSpec, build_task, create_task_family
 from metalr.tasks.registry import sample_specs
 
 
@@ -304,6 +304,8 @@ class MetaTrainer:
             config.seed,
         )
         self.sampler = TaskSampler(train_entries(config, self.suite.meta_train), config.seed)
+        # The checkpoints' optimizer_family: the one family trained on (no `optimizers` override = the default mix).
+        self.controller.optimizer_family = family_of_optimizer_names(o for e in self.sampler.entries for o in e.overrides.get("optimizers", SamplingConfig().optimizers))  # type: ignore[assignment]
         # Validation families are drawn under the recipe's overrides too (its optimizers, LR ranges,
         # horizons), so checkpoint selection measures the task distribution the recipe trains for.
         valid_entries = train_entries(config, self.suite.meta_valid)

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from metalr import CheckpointError, LearnedLR, LRController, load_controller, save_controller
-from metalr.checkpoint import METADATA_KEY
+from metalr.checkpoint import METADATA_KEY, tensor_digest
 from metalr.cli import main
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -78,6 +78,14 @@ def test_code_executing_payloads_are_refused_by_every_entry_point(tmp_path: Path
         with pytest.raises(CheckpointError):
             LearnedLR(torch.optim.SGD(model.parameters(), lr=0.1), path, total_steps=10)
     assert not marker.exists(), "a loader unpickled an untrusted file"  # ...but never when loaded
+
+
+def test_pickles_renamed_safetensors_are_named_as_pickles(tmp_path: Path) -> None:
+    disguised = [p for p in _payload_files(tmp_path, tmp_path / "PWNED") if p.suffix == ".safetensors"]
+    assert len(disguised) == 3  # raw pickle, torch.save zip, torch.save legacy
+    for path in disguised:
+        with pytest.raises(CheckpointError, match=r"not a safetensors file \(looks like a PyTorch pickle/zip checkpoint"):
+            load_controller(path)
 
 
 def test_cli_refuses_a_payload_controller_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,6 +216,7 @@ def test_metadata_with_wrong_types_or_sizes_is_refused(edit: Any, tmp_path: Path
 def test_tensors_that_do_not_match_the_architecture_are_refused(edit: Any, tmp_path: Path) -> None:
     meta, tensors = _valid(tmp_path)
     edit(tensors)
+    meta["tensor_sha256"] = tensor_digest(tensors)  # a forged file: the shape and finiteness checks must refuse it
     with pytest.raises(CheckpointError, match="edited.safetensors"):
         load_controller(_with_metadata(tmp_path, json.dumps(meta), tensors))
 
