@@ -232,17 +232,18 @@ class Observation(NamedTuple):
         grads: Sequence[Tensor],
         params_before: Sequence[Tensor],
         params_after: Sequence[Tensor],
-        prev_update: Sequence[Tensor],
+        prev_update: Tensor,
         lr: Tensor,
         lr_rel: Tensor,
         total_steps: Tensor,
         valid_loss: Tensor | None = None,
         entropy: Tensor | None = None,
         budget_used: Tensor | None = None,
-    ) -> tuple[Observation, tuple[Tensor, ...]]:
+    ) -> tuple[Observation, Tensor]:
         """The observation of the step ``params_before -> params_after``, and its update ``u_t``.
 
-        ``prev_update`` is ``u_{t-1}`` (zeros at the first step). Unset optional values are NaN (not measured).
+        ``prev_update`` is ``u_{t-1}`` as a flat vector over all parameters (zeros at the first step); the
+        returned update has the same layout. Unset optional values are NaN (not measured).
         """
         like = torch.zeros((), dtype=_scalar_dtype(loss), device=loss.device)
         reductions, update = step_reductions(grads, params_before, params_after, prev_update, like)
@@ -290,37 +291,32 @@ def global_norm_sq(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
     return torch.stack(torch._foreach_norm(list(tensors))).to(like.dtype).square().sum()
 
 
-def _global_dot(a: Sequence[Tensor], b: Sequence[Tensor], like: Tensor) -> Tensor:
-    # Plain per-tensor ops, not _foreach kernels: this path runs inside torch.func.vmap (ES/PES particles),
-    # which has no batching rule for the _foreach family. Deployment uses the fused kernels instead.
-    if len(a) == 0:
-        return torch.zeros_like(like)
-    return torch.stack([(x * y).sum().to(like.dtype) for x, y in zip(a, b, strict=True)]).sum()
+def _flat(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
+    if len(tensors) == 0:
+        return torch.zeros(0, dtype=like.dtype, device=like.device)
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def step_reductions(
     grads: Sequence[Tensor],
     params_before: Sequence[Tensor],
     params_after: Sequence[Tensor],
-    prev_update: Sequence[Tensor],
+    prev_update: Tensor,
     like: Tensor,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
+) -> tuple[Tensor, Tensor]:
     """The reductions an :class:`Observation` needs, and the update ``u_t`` (the unroll's reference path).
 
-    Returns ``(stacked, update)``: ``stacked`` holds ``REDUCTIONS`` in order. ``LearnedLR`` computes the same
-    numbers in place around ``optimizer.step()`` (one persistent buffer, no temporaries); the parity tests
-    check the two agree.
+    ``prev_update`` and the returned update are flat vectors over all parameters (one buffer). Returns
+    ``(stacked, update)``, ``stacked`` holding ``REDUCTIONS`` in order. Dot products of flat vectors: a few
+    ops whatever the number of tensors, differentiable, and ``vmap``-able (the ``_foreach`` kernels are not).
+    ``LearnedLR`` computes the same numbers in place around ``optimizer.step()`` (one persistent buffer, no
+    temporaries); the parity tests check the two agree.
     """
-    update = tuple(before - after for before, after in zip(params_before, params_after, strict=True))
-    stacked = torch.stack(
-        [
-            _global_dot(grads, grads, like),
-            _global_dot(params_after, params_after, like),
-            _global_dot(update, update, like),
-            _global_dot(grads, prev_update, like),
-        ]
-    )
-    return stacked, update
+    grad = _flat(grads, like)
+    after = _flat(params_after, like)
+    update = _flat(params_before, like) - after
+    dots = torch.stack([grad @ grad, after @ after, update @ update, grad @ prev_update.to(grad.dtype)])
+    return dots.to(like.dtype), update
 
 
 def init_feature_state(spec: FeatureSpec, params: Sequence[Tensor]) -> FeatureState:

@@ -186,7 +186,7 @@ def _rewrite_metadata(path: Path, edit, rehash: bool = True) -> None:
     [
         (lambda m, t: m.update(format_version=99), "unknown checkpoint format_version 99"),
         (lambda m, t: m["feature_spec"].update(groups=["loss", "telepathy"]), "unknown feature group"),
-        (lambda m, t: m["feature_spec"].update(format=7), "feature format 7 cannot be computed"),
+        (lambda m, t: m["feature_spec"].update(format=7), "meta-trained on feature format 7; this version of metalr computes feature format 2"),
         (lambda m, t: m["feature_spec"]["names"].reverse(), "feature names .* do not match"),
         (lambda m, t: m["architecture"].update(input_dim=3), "input_dim 3 does not match"),
         (lambda m, t: m["architecture"].update(kind="transformer"), "unknown controller kind 'transformer'"),

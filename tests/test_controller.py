@@ -13,7 +13,7 @@ from metalr.features import Observation
 def _obs(loss: float, params) -> Observation:
     grads = [torch.ones_like(p) for p in params]
     obs, _ = Observation.of_step(
-        torch.tensor(loss), grads, params, params, [torch.zeros_like(p) for p in params],
+        torch.tensor(loss), grads, params, params, torch.zeros(sum(p.numel() for p in params)),
         lr=torch.tensor(0.1), lr_rel=torch.tensor(1.0), total_steps=torch.tensor(100.0),
     )
     return obs
@@ -83,3 +83,15 @@ def test_cosine_base_schedule() -> None:
 def test_policy_config_errors_name_the_value(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PolicyConfig(**kwargs)
+
+
+def test_lstm_controller_computes_what_nn_lstmcell_computes() -> None:
+    """The LSTM body writes the cell's equations out (vmap has no lstm_cell rule): same weights, same result."""
+    from metalr.controller import LSTMNet
+
+    torch.manual_seed(0)
+    net = LSTMNet(6, (8,))
+    features, hidden = torch.randn(6), torch.randn(2, 8)
+    _, new_hidden = net(features, hidden)
+    h, c = net.cell(features.unsqueeze(0), (hidden[0:1], hidden[1:2]))
+    torch.testing.assert_close(new_hidden, torch.cat([h, c]))

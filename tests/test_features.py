@@ -27,16 +27,16 @@ class Trainer:
     def __init__(self, params: torch.Tensor, spec: FeatureSpec = ALL, total: int = 100) -> None:
         self.spec, self.total = spec, total
         self.params = params
-        self.prev_update = torch.zeros_like(params)
+        self.prev_update = torch.zeros(params.numel(), dtype=params.dtype)
         self.state: FeatureState = init_feature_state(spec, [params])
 
     def step(self, loss: float, grad: torch.Tensor, new_params: torch.Tensor, lr: float = 0.1, **extra: torch.Tensor) -> torch.Tensor:
-        obs, (update,) = Observation.of_step(
+        obs, update = Observation.of_step(
             torch.tensor(loss, dtype=self.params.dtype),
             [grad],
             [self.params],
             [new_params],
-            [self.prev_update],
+            self.prev_update,
             lr=torch.tensor(lr),
             lr_rel=torch.tensor(1.0),
             total_steps=torch.tensor(float(self.total)),
@@ -206,7 +206,7 @@ def test_features_vectorise_over_particles() -> None:
             trainer.step(float(torch.rand((), generator=generator)) + 0.5, grad, trainer.params - 0.1 * grad)
         grad = torch.randn(6, generator=generator)
         obs, _ = Observation.of_step(
-            torch.tensor(1.0), [grad], [trainer.params], [trainer.params - 0.1 * grad], [trainer.prev_update],
+            torch.tensor(1.0), [grad], [trainer.params], [trainer.params - 0.1 * grad], trainer.prev_update,
             lr=torch.tensor(0.1), lr_rel=torch.tensor(1.0), total_steps=torch.tensor(100.0),
         )
         states.append(trainer.state)

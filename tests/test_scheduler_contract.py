@@ -259,3 +259,47 @@ def test_tensor_learning_rates_come_back_as_tensors() -> None:
     assert isinstance(last, torch.Tensor)
     assert float(last) == pytest.approx(float(optimizer.param_groups[0]["lr"]))
     assert last is not optimizer.param_groups[0]["lr"], "a copy, as torch's schedulers return"
+
+
+# -- the default controller, and a controller of another family ------------------------------------------------
+
+
+@pytest.fixture
+def shipped_families(tmp_path, monkeypatch) -> None:
+    from metalr.checkpoint import save_controller
+
+    for name, family in (("adam-x", "adam"), ("sgd-x", "sgd")):
+        save_controller(active_controller(), tmp_path / f"{name}.safetensors", optimizer_family=family)
+    monkeypatch.setenv("METALR_CHECKPOINTS", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda p: torch.optim.Adam(p, lr=1e-3), "adam-x"),
+        (lambda p: torch.optim.AdamW(p, lr=1e-3), "adam-x"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "sgd-x"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "sgd-x"),
+    ],
+)
+def test_without_a_controller_the_shipped_one_of_the_optimizers_family_is_used(shipped_families, make, expected) -> None:
+    model, data = model_and_data()
+    optimizer = make(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = LearnedLR(optimizer, total_steps=len(data))
+        train(model, optimizer, sched, data[:3])
+    assert sched.controller.source_path.endswith(f"{expected}.safetensors")
+
+
+def test_a_controller_of_another_family_warns(shipped_families) -> None:
+    model, _ = model_and_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"meta-trained for 'adam' optimizers, but it is driving SGD \('sgd'\)"):
+        LearnedLR(optimizer, "adam-x", total_steps=10)
+
+
+def test_an_optimizer_of_no_known_family_without_a_controller_is_a_clear_error(shipped_families) -> None:
+    model, _ = model_and_data()
+    with pytest.raises(ValueError, match=r"Adagrad"):
+        LearnedLR(torch.optim.Adagrad(model.parameters(), lr=0.1), total_steps=10)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -60,7 +60,7 @@ class Carry(NamedTuple):
 
     params: Tensors
     opt_state: Tensors
-    prev_update: Tensors
+    prev_update: Tensor
     policy: PolicyState
 
 
@@ -78,8 +78,9 @@ class InnerRun:
     valid_stream: BatchStream
     initial_valid_loss: float
     optimizer: InnerOptimizer
-    # u_{t-1} = theta_{t-1} - theta_t, the one parameter-sized buffer the features read (zeros at step 0)
-    prev_update: Tensors = ()
+    # u_{t-1} = theta_{t-1} - theta_t flattened over all parameters: the one parameter-sized buffer the
+    # features read (zeros at step 0)
+    prev_update: Tensor = field(default_factory=lambda: torch.zeros(0))
     # inner_valid batches for the validation-gap feature (None: the task is never validated in the unroll)
     inner_valid_stream: BatchStream | None = None
 
@@ -103,7 +104,7 @@ class InnerRun:
             self,
             params=tuple(p.detach() for p in self.params),
             opt_state=tuple(s.detach() for s in self.opt_state),
-            prev_update=tuple(u.detach() for u in self.prev_update),
+            prev_update=self.prev_update.detach(),
             policy=detach_policy_state(self.policy),
         )
 
@@ -165,7 +166,9 @@ def start_run(
         valid_stream=valid_stream,
         initial_valid_loss=1.0,
         optimizer=optimizer,
-        prev_update=tuple(torch.zeros_like(p) for p in params),
+        prev_update=torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        if params
+        else torch.zeros(0),
         inner_valid_stream=inner_valid,
     )
     with torch.no_grad():
@@ -301,10 +304,10 @@ def observe_step(
     valid_every: int,
     differentiable: bool,
     detach_features: bool,
-) -> tuple[PolicyState, Tensors]:
+) -> tuple[PolicyState, Tensor]:
     """Observe the step ``outcome`` (theta_t -> theta_{t+1}) and advance ``run.policy``.
 
-    Returns ``(policy, update)``; ``update`` is u_t, the next step's ``prev_update``.
+    Returns ``(policy, update)``; ``update`` is u_t (flat), the next step's ``prev_update``.
     """
     spec = run.task.spec
     valid_loss, entropy, budget = extra_observations(controller, run, outcome.params, outcome.output, valid_every)
