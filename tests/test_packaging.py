@@ -120,6 +120,29 @@ print("installed copy OK")
 """
 
 
+# README's "Use it in your training loop" block, run as written on a small model, for Adam and for SGD.
+_README_PRELUDE = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+loss_fn = nn.MSELoss()
+x, y = torch.randn(32, 8), torch.randn(32, 1)
+T = 30
+"""
+_README_EPILOGUE = """
+assert sched.last_epoch == T and 0 < optimizer.param_groups[0]["lr"] < 1
+print("readme OK", type(optimizer).__name__, sched.controller.source_path)
+"""
+
+
+def readme_snippet() -> str:
+    """The first Python block of README's "Use it in your training loop" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Use it in your training loop", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
 def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{argv}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
@@ -144,6 +167,10 @@ def test_the_installed_wheel_finds_everything_from_any_directory(tmp_path: Path)
 
     env["PYTHONPATH"] = str(target)  # shadows the editable install of the checkout
     assert "installed copy OK" in _run([sys.executable, "-c", _INSTALLED_CHECK, str(target)], elsewhere, env, 300).stdout
+    for optimizer, family in (("torch.optim.Adam(model.parameters(), lr=1e-3)", "adam-cpu"), ("torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)", "sgd-cpu")):
+        program = f"{_README_PRELUDE}optimizer = {optimizer}\n{readme_snippet()}{_README_EPILOGUE}"
+        out = _run([sys.executable, "-W", "error::UserWarning", "-c", program], elsewhere, env, 300).stdout
+        assert "readme OK" in out and f"{family}.safetensors" in out and str(target) in out, out
     cli = [sys.executable, "-m", "metalr.cli"]
     _run([*cli, "meta-train", "demo-quick", "meta.meta_steps=2", "--out", "recipe-run", "--no-progress"], elsewhere, env, 300)
     assert (elsewhere / "recipe-run" / "final.safetensors").is_file()

@@ -56,8 +56,14 @@ def step_graph_bytes(
 
     probe = run.forked()
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        # One step plus its meta-objective measurement (the unroll scores the last step it takes).
-        unroll(controller, probe, 1, differentiable, valid_every=valid_every)
+        if differentiable:
+            # One step plus its meta-objective measurement (the unroll scores the last step it takes).
+            unroll(controller, probe, 1, differentiable, valid_every=valid_every)
+        else:
+            # A first-order step (torch.func.grad, which refuses these hooks) keeps what the loss's forward
+            # saves for its backward, transiently: measure that forward.
+            params = tuple(p.detach().requires_grad_(True) for p in probe.params)
+            probe.task.loss(probe.model_call(params), next(probe.train_stream))
         return sum(storages.values())
 
 

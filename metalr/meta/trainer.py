@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -164,6 +164,18 @@ def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device
 def noise_seed(seed: int, meta_step: int, slot: int) -> int:
     """ES/PES noise seed of one (meta-step, slot): independent of worker count and of resumption."""
     return (seed * 1_000_003 + meta_step * 4_099 + slot * 131 + 7) % (2**63 - 1)
+
+
+class StepTotals(NamedTuple):
+    """Per-meta-step sums over the meta-batch slots a worker ran; all-reduced by field, in this order."""
+
+    used: float = 0.0  # truncations whose estimate was finite (averaged into the meta-gradient)
+    grad_sq_sum: float = 0.0  # sum over used truncations of |g_i|^2 (estimator variance)
+    meta_loss_sum: float = 0.0
+    guard_events: float = 0.0  # divergence-guard cuts (incl. those of staggering unrolls)
+    skipped: float = 0.0  # truncations with a non-finite meta-loss or meta-gradient
+    lr_ratio_sum: float = 0.0  # sum over inner steps of lr / base_lr
+    lr_count: float = 0.0
 
 
 @dataclass
@@ -389,10 +401,8 @@ class MetaTrainer:
         length = self.schedule(meta_step)
         params = list(self.controller.parameters())
         summed = [torch.zeros_like(p) for p in params]
-        # Packed scalars: used, sum |g_i|^2, sum meta-loss, guard events, skipped, sum lr ratio, lr count.
-        scalars = torch.zeros(7, dtype=torch.float64)
+        totals = StepTotals(guard_events=float(state.pending_guard_events))
         flags = torch.zeros(meta.meta_batch, dtype=torch.float64)
-        scalars[3] += state.pending_guard_events
         state.pending_guard_events = 0
         for slot, run in enumerate(self.runs):
             if run is None:
@@ -410,23 +420,25 @@ class MetaTrainer:
             finite = math.isfinite(estimate.meta_loss) and all(
                 bool(torch.isfinite(g).all()) for g in estimate.grads
             )
-            scalars[3] += estimate.alarms
+            totals = totals._replace(guard_events=totals.guard_events + estimate.alarms)
             if not finite:
-                scalars[4] += 1
+                totals = totals._replace(skipped=totals.skipped + 1)
                 flags[slot] = 1
                 continue
             torch._foreach_add_(summed, list(estimate.grads))
-            scalars[0] += 1
-            scalars[1] += sum(float(g.double().square().sum()) for g in estimate.grads)
-            scalars[2] += estimate.meta_loss
             base_lr = run.task.spec.base_lr
-            scalars[5] += sum(lr / base_lr for lr in estimate.lrs)
-            scalars[6] += len(estimate.lrs)
+            totals = totals._replace(
+                used=totals.used + 1,
+                grad_sq_sum=totals.grad_sq_sum + sum(float(g.double().square().sum()) for g in estimate.grads),
+                meta_loss_sum=totals.meta_loss_sum + estimate.meta_loss,
+                lr_ratio_sum=totals.lr_ratio_sum + sum(lr / base_lr for lr in estimate.lrs),
+                lr_count=totals.lr_count + len(estimate.lrs),
+            )
             self.runs[slot] = estimate.run
             self.estimator_states[slot] = estimate.state
             if estimate.run.done:
                 flags[slot] = 1
-        packed = torch.cat([*(g.reshape(-1).double().cpu() for g in summed), scalars, flags])
+        packed = torch.cat([*(g.reshape(-1).double().cpu() for g in summed), torch.tensor(totals, dtype=torch.float64), flags])
         if self.context.world_size > 1:
             device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
             packed = all_reduce_sum(packed.to(device), self.context).cpu()
@@ -434,12 +446,12 @@ class MetaTrainer:
         for g, p in zip(summed, params, strict=True):
             g.copy_(packed[offset : offset + p.numel()].reshape(p.shape).to(g.dtype))
             offset += p.numel()
-        scalars = packed[offset : offset + 7]
-        flags = packed[offset + 7 :]
-        used = int(scalars[0])
+        totals = StepTotals(*packed[offset : offset + len(StepTotals._fields)].tolist())
+        flags = packed[offset + len(StepTotals._fields) :]
+        used = int(totals.used)
         state.attempted += meta.meta_batch
-        state.skipped += int(scalars[4])
-        state.guard_events += int(scalars[3])
+        state.skipped += int(totals.skipped)
+        state.guard_events += int(totals.guard_events)
         # Counted before the refills, so their events (refused tasks) carry this step's number and a resume
         # from an earlier state drops them with the rest of the replayed steps' records.
         state.meta_step += 1
@@ -457,17 +469,17 @@ class MetaTrainer:
         if used:
             mean = [g / used for g in summed]
             variance = max(
-                0.0, float(scalars[1]) / used - sum(float(g.double().square().sum()) for g in mean)
+                0.0, totals.grad_sq_sum / used - sum(float(g.double().square().sum()) for g in mean)
             )
             for p, g in zip(params, mean, strict=True):
                 p.grad = g
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, meta.meta_grad_clip))
             self.meta_optimizer.step()
             self.meta_optimizer.zero_grad(set_to_none=True)
-            state.window_sum += float(scalars[2])
+            state.window_sum += totals.meta_loss_sum
             state.window_count += used
-        state.window_lr_sum += float(scalars[5])
-        state.window_lr_count += int(scalars[6])
+        state.window_lr_sum += totals.lr_ratio_sum
+        state.window_lr_count += int(totals.lr_count)
         return {"meta_grad_norm": grad_norm, "estimator_variance": variance, "truncation_length": length}
 
     # -- checkpoints, probes, resume ---------------------------------------------------------------------------
