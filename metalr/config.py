@@ -10,6 +10,7 @@ each run directory (:func:`dump_config`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ from metalr.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # what a recipe's `name` may be (it names a folder)
 
 
 class ConfigError(ValueError):
@@ -129,6 +131,11 @@ class MetaTrainConfig:
     meta: MetaConfig = MetaConfig()
 
     def __post_init__(self) -> None:
+        # The name becomes a folder under out_dir: a path in it ("../x", "a/b") would write elsewhere.
+        if not RUN_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"name must be a plain name (letters, digits, '.', '_', '-'; no path separators), got {self.name!r}"
+            )
         check_device(self.device)
 
 
@@ -278,8 +285,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty (or comments-only) file would silently mean "all defaults"
+        raise ConfigError(f"{path}: the file is empty; expected a YAML mapping of settings")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return data

@@ -91,3 +91,22 @@ def test_suites_name_registered_families(tmp_path: Path) -> None:
     bad.write_text("name: bad\nmeta_train: [{family: digits_mlp, colour: red}]\n")
     with pytest.raises(ConfigError, match="does not take \\['colour'\\]"):
         load_suite(str(bad))
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_an_empty_file_is_rejected_not_read_as_all_defaults(tmp_path: Path, text: str) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty; expected a YAML mapping"):
+        load_config(MetaTrainConfig, empty)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "/abs", "..", ".hidden", "", "a\\b", "tab name"])
+def test_a_run_name_must_be_a_plain_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"name must be a plain name .*got"):
+        load_config(MetaTrainConfig, ROOT / "meta_train" / "demo.yaml", [f"name={name!r}" if name else "name="])
+
+
+def test_plain_run_names_are_accepted() -> None:
+    for name in ("demo", "adam-cpu", "run_2.b"):
+        assert load_config(MetaTrainConfig, None, [f"name={name}"]).name == name
