@@ -26,6 +26,13 @@ from metalr.config import ConfigError
 from metalr.evaluation.harness import Cell, cached_controller, run_cell
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Executor(Protocol):
     """Runs cells and yields their records in completion order."""
 
