@@ -444,12 +444,23 @@ class Analysis:
         ) if spread else math.nan
 
     def resources(self, method: str) -> dict[str, float]:
-        """Median training seconds per 1000 steps, median peak RSS (MB) and peak CUDA memory (MB)."""
+        """Medians over the reported runs: training seconds per 1000 steps, optimizer state (MB), peak RSS
+        growth during a run (MB), the worker's peak RSS (MB); and the largest peak CUDA memory (MB).
+
+        Records written before the per-run memory fields existed (version 1) give NaN for them.
+        """
         runs = [r for t in self.tasks for r in self.reported_runs(t, method)]
         per_k = [1000 * r["train_seconds"] / r["steps_done"] for r in runs if r["steps_done"]]
+
+        def median(field: str) -> float:
+            values = [v for v in (float(r.get(field, math.nan)) for r in runs) if math.isfinite(v)]
+            return float(np.median(values)) if values else math.nan
+
         return {
             "seconds_per_1k_steps": float(np.median(per_k)) if per_k else math.nan,
-            "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in runs])) if runs else math.nan,
+            "optimizer_state_mb": median("optimizer_state_mb"),
+            "rss_growth_mb": median("rss_growth_mb"),
+            "peak_rss_mb": median("peak_rss_mb"),
             "peak_cuda_mb": float(np.max([r["peak_cuda_mb"] for r in runs])) if runs else math.nan,
         }
 

@@ -223,22 +223,26 @@ def lr_stability_plot(analysis: Analysis, path: Path) -> Path:
 
 
 def resources_plot(analysis: Analysis, path: Path) -> Path:
-    """Training seconds per 1000 steps and peak memory per method."""
+    """Per method: training seconds per 1000 steps, optimizer state, and the memory a run added at its peak
+    (CUDA when the runs used a GPU, else RSS growth). Per-run numbers: the worker's baseline is left out."""
     plt = _pyplot()
     colors = _colors(analysis.methods)
     resources = {m: analysis.resources(m) for m in analysis.methods}
     use_cuda = any(r["peak_cuda_mb"] > 0 for r in resources.values())
     memory_key, memory_label = (
-        ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("peak_rss_mb", "peak RSS (MB)")
+        ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("rss_growth_mb", "peak RSS growth in a run (MB)")
     )
-    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    panels = (
+        ("seconds_per_1k_steps", "training seconds / 1000 steps"),
+        ("optimizer_state_mb", "optimizer state (MB)"),
+        (memory_key, memory_label),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(13.0, 3.4))
     x = np.arange(len(analysis.methods))
     bar_colors = [colors[m] for m in analysis.methods]
-    ax_time.bar(x, [resources[m]["seconds_per_1k_steps"] for m in analysis.methods], color=bar_colors)
-    ax_time.set_ylabel("training seconds / 1000 steps")
-    ax_memory.bar(x, [resources[m][memory_key] for m in analysis.methods], color=bar_colors)
-    ax_memory.set_ylabel(memory_label)
-    for ax in (ax_time, ax_memory):
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.bar(x, [resources[m][key] for m in analysis.methods], color=bar_colors)
+        ax.set_ylabel(label)
         ax.set_xticks(x, analysis.methods, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Resources (median over the reported runs)", fontsize=10)

@@ -274,6 +274,7 @@ def stability_table(analysis: Analysis) -> Table:
 
 
 def resources_table(analysis: Analysis) -> Table:
+    """Time and memory per method; the memory columns say what they measure (per run or per worker)."""
     reference = analysis.resources(analysis.protocol.reference)["seconds_per_1k_steps"]
     rows = []
     for method in analysis.methods:
@@ -284,6 +285,8 @@ def resources_table(analysis: Analysis) -> Table:
                 method,
                 fmt(resources["seconds_per_1k_steps"], 3),
                 fmt_ratio(overhead),
+                fmt(resources["optimizer_state_mb"], 3),
+                fmt(resources["rss_growth_mb"], 3),
                 fmt(resources["peak_rss_mb"], 4),
                 fmt(resources["peak_cuda_mb"], 4),
                 str(analysis.runs_of(method)),
@@ -294,7 +297,9 @@ def resources_table(analysis: Analysis) -> Table:
             "method",
             "training s / 1000 steps",
             f"time vs {analysis.protocol.reference}",
-            "peak RSS MB",
+            "optimizer state MB (per run)",
+            "peak RSS growth MB (per run)",
+            "worker peak RSS MB (incl. imports, data)",
             "peak CUDA MB",
             "runs",
         ),

@@ -189,3 +189,19 @@ def test_duplicate_and_torn_records_change_nothing(tmp_path: Path) -> None:
     records = load_records(path)
     assert len(records) == len(HAND_MADE)
     assert Analysis(records).scores() == pytest.approx({"cosine": 0.5, "m1": 0.5, "m2": 2 / 3})
+
+
+def test_the_resources_table_labels_per_run_and_per_worker_memory() -> None:
+    from metalr.evaluation.report import resources_table
+
+    records = [dict(r, rss_growth_mb=float(i), optimizer_state_mb=0.5) for i, r in enumerate(HAND_MADE)]
+    table = resources_table(Analysis(records))
+    assert table.header[3:6] == (
+        "optimizer state MB (per run)",
+        "peak RSS growth MB (per run)",
+        "worker peak RSS MB (incl. imports, data)",
+    )
+    rows = {row[0]: row for row in table.rows}
+    assert rows["m2"][3:6] == ("0.5", "3.5", "100")  # medians over the reported runs (tasks A and B)
+    old = {row[0]: row for row in resources_table(Analysis(HAND_MADE)).rows}  # version-1 records: not measured
+    assert old["m2"][3:5] == ("-", "-")
