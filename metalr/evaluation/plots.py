@@ -1,6 +1,7 @@
 """Report figures (matplotlib, Agg backend: no display needed). Each function writes one PNG and returns it.
 
-A method keeps one colour in every figure (its position in the suite), so figures can be read side by side.
+A method keeps one style in every figure (from its position in the suite), so figures can be read side by
+side: :func:`method_styles` gives each method its own (colour, marker, line style), for any number of methods.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,15 +30,45 @@ def _pyplot() -> Any:
     return plt
 
 
-def _colors(methods: Sequence[str]) -> dict[str, Any]:
-    plt = _pyplot()
-    palette = plt.get_cmap("tab10").colors
-    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+# matplotlib's tab10 colours (hex, so no matplotlib import is needed to pick them) and ten filled markers.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.")
 
 
-def _linestyles(methods: Sequence[str]) -> dict[str, str]:
-    # Past ten methods the colours repeat; the line style tells the two methods of one colour apart.
-    return {m: ("-", "--", ":")[min(i // 10, 2)] for i, m in enumerate(methods)}
+class Style(NamedTuple):
+    """How one method is drawn."""
+
+    color: str
+    marker: str
+    linestyle: Any  # a matplotlib line style: a name or an (offset, dash pattern) pair
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, Style]:
+    """A distinct style per method: method ``i`` gets colour ``i mod 10`` and, per block of ten methods
+    (``i div 10``), its own marker and line style, so no two methods share a colour with a marker or a
+    line style. Past the four named line styles, each block gets a dash pattern of its own."""
+    styles = {}
+    for i, method in enumerate(methods):
+        block, position = divmod(i, len(PALETTE))
+        linestyle = LINESTYLES[block] if block < len(LINESTYLES) else (0, (block, 2))
+        styles[method] = Style(PALETTE[position], MARKERS[block % len(MARKERS)], linestyle)
+    return styles
+
+
+def _colors(methods: Sequence[str]) -> dict[str, str]:
+    return {method: style.color for method, style in method_styles(methods).items()}
+
+
+def _line(style: Style, points: int = 0) -> dict[str, Any]:
+    """Keyword arguments drawing a line in ``style``; a line of ``points`` points gets about 8 markers."""
+    return {
+        "color": style.color,
+        "marker": style.marker,
+        "ls": style.linestyle,
+        "ms": 4,
+        "markevery": max(1, points // 8) if points else None,
+    }
 
 
 def _legend_outside(fig: Any, axes: Sequence[Any]) -> None:
@@ -73,7 +104,7 @@ def _save(fig: Any, path: Path) -> Path:
 def performance_profile_plot(analysis: Analysis, path: Path, horizon: float = 1.0) -> Path:
     """rho(tau) per method over [1, r_max] (AlgoPerf's performance profile), score in the legend."""
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
     max_ratio = analysis.protocol.profile_max_ratio
     taus = np.linspace(1.0, max_ratio, 301)
     scores = analysis.scores(horizon)
@@ -84,8 +115,7 @@ def performance_profile_plot(analysis: Analysis, path: Path, horizon: float = 1.
             taus,
             rho,
             where="post",
-            color=colors[method],
-            ls=styles[method],
+            **_line(styles[method], len(taus)),
             label=f"{method} (score {scores[method]:.3f})",
         )
     ax.set_xlim(1.0, max_ratio)
@@ -104,7 +134,8 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
     if not tasks:
         return None
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
+    colors = _colors(analysis.methods)
     rows, cols = _grid(len(tasks))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     ratio = analysis.protocol.divergence_ratio
@@ -119,9 +150,7 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
             losses = np.array([loss for _, loss in curve])
             ok = np.isfinite(losses)
             positive &= bool((losses[ok] > 0).all())
-            ax.plot(
-                lrs[ok], losses[ok], marker="o", ms=3, color=colors[method], ls=styles[method], label=method
-            )
+            ax.plot(lrs[ok], losses[ok], **_line(styles[method]), label=method)
             diverged = {float(r["lr"]) for r in analysis.grid_runs(task, method) if is_diverged(r, ratio)}
             for lr, loss in curve:
                 if lr in diverged and math.isfinite(loss):
@@ -151,7 +180,8 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
 def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: float = 1.0) -> Path:
     """Validation loss (median and range over seeds) with the LR trace under it, for one task."""
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
+    colors = _colors(analysis.methods)
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7.0, 5.6), sharex=True, height_ratios=(3, 2))
     positive = True
     for method in analysis.methods:
@@ -168,7 +198,7 @@ def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: flo
             ax_loss.fill_between(
                 steps, np.nanmin(losses, 0), np.nanmax(losses, 0), color=colors[method], alpha=0.15
             )
-        ax_loss.plot(steps, median, color=colors[method], ls=styles[method], label=method)
+        ax_loss.plot(steps, median, **_line(styles[method], len(steps)), label=method)
         trace_len = min(len(r["lr_trace"]) for r in runs)
         if trace_len:
             traces = np.array([r["lr_trace"][:trace_len] for r in runs], dtype=float)
@@ -176,8 +206,7 @@ def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: flo
                 ax_lr.plot(
                     np.arange(1, trace_len + 1),
                     np.nanmedian(traces, 0),
-                    color=colors[method],
-                    ls=styles[method],
+                    **_line(styles[method], trace_len),
                     lw=1.2,
                 )
     target = analysis.target(task, horizon)
@@ -254,12 +283,12 @@ def horizon_plot(analysis: Analysis, path: Path) -> Path | None:
     if len(analysis.horizons) < 2:
         return None
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
     horizons = sorted(analysis.horizons)
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for method in analysis.methods:
         ratios = [analysis.horizon_loss_ratio(method, h) for h in horizons]
-        ax.plot(horizons, ratios, marker="o", color=colors[method], ls=styles[method], label=method)
+        ax.plot(horizons, ratios, **_line(styles[method]), label=method)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xticks(horizons, [f"{h:g}x" for h in horizons])

@@ -205,3 +205,46 @@ def test_the_resources_table_labels_per_run_and_per_worker_memory() -> None:
     assert rows["m2"][3:6] == ("0.5", "3.5", "100")  # medians over the reported runs (tasks A and B)
     old = {row[0]: row for row in resources_table(Analysis(HAND_MADE)).rows}  # version-1 records: not measured
     assert old["m2"][3:5] == ("-", "-")
+
+
+def test_method_styles_are_distinct_for_any_number_of_methods() -> None:
+    from metalr.evaluation.plots import PALETTE, method_styles
+
+    methods = [f"method-{i}" for i in range(250)]
+    styles = list(method_styles(methods).values())
+    assert len({(s.color, str(s.linestyle)) for s in styles}) == len(methods)
+    assert len({(s.color, s.marker) for s in styles[:100]}) == 100
+    assert [s.color for s in styles[:10]] == list(PALETTE) and len(set(PALETTE)) == 10
+
+
+def test_every_line_plot_draws_each_of_eleven_methods_in_its_own_colour_and_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cpu-heldout suite has eleven methods; with ten colours the 1st and the 11th were both blue."""
+    from metalr.evaluation import plots
+
+    methods = ["cosine", *(f"m{i}" for i in range(1, 11))]
+    protocol = {"methods": methods, "reference": "cosine", "tune": True}
+    records = []
+    for task in ("A", "B"):
+        for i, method in enumerate(methods):
+            curve = [1.0, 0.8 - 0.01 * i, 0.6, 0.5, 0.45 - 0.01 * i]
+            for horizon in (1.0, 2.0):
+                records.append(record(task, method, curve, horizon=horizon, protocol=protocol))
+            records += [record(task, method, curve, lr=lr, source="grid", protocol=protocol) for lr in (0.01, 0.1)]
+    analysis = Analysis(records)
+    figures: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.performance_profile_plot(analysis, tmp_path / "p.png")
+    plots.sensitivity_plot(analysis, tmp_path / "s.png")
+    plots.learning_curves_plot(analysis, "A", tmp_path / "c.png")
+    plots.horizon_plot(analysis, tmp_path / "h.png")
+    assert len(figures) == 4
+    for figure in figures:
+        lines = {}
+        for line in figure.axes[0].get_lines():
+            method = line.get_label().split(" (")[0]
+            if method in methods:
+                lines[method] = (line.get_color(), line.get_marker())
+        assert sorted(lines) == sorted(methods), figure.axes[0].get_title()
+        assert len(set(lines.values())) == len(methods), f"{figure.axes[0].get_title()}: {lines}"
