@@ -110,3 +110,11 @@ def test_a_run_name_must_be_a_plain_name(name: str) -> None:
 def test_plain_run_names_are_accepted() -> None:
     for name in ("demo", "adam-cpu", "run_2.b"):
         assert load_config(MetaTrainConfig, None, [f"name={name}"]).name == name
+
+
+def test_the_recipe_table_names_each_recipes_estimator() -> None:
+    rows = [line.split("|") for line in (ROOT / "meta_train" / "README.md").read_text().splitlines() if line.startswith("| `")]
+    listed = {name.strip(" `"): cells[2].strip() for cells in rows for name in cells[1].split(",")}
+    assert set(listed) == {p.name for p in (ROOT / "meta_train").glob("*.yaml")}
+    for name, estimator in listed.items():
+        assert load_config(MetaTrainConfig, ROOT / "meta_train" / name).meta.estimator == estimator, name
