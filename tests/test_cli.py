@@ -202,3 +202,12 @@ def test_the_demo_says_where_the_plots_are(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(metalr.evaluation, "evaluate_suite", lambda *args, **kwargs: "SUMMARY")
     text = metalr.demo.run_demo(tmp_path, quick=True, progress=False)
     assert f"plots in {tmp_path / 'evaluation' / FIGURES})" in text  # where render_report draws them
+
+
+@pytest.mark.parametrize("command", ["meta-train", "evaluate"])
+def test_an_empty_recipe_or_suite_file_is_one_line(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    code, _, err = _run([command, str(empty), "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2 and err.strip() == f"metalr: error: {empty}: the file is empty; expected a YAML mapping of settings"
+    assert not (tmp_path / "run").exists()
