@@ -1,10 +1,14 @@
-"""Registry of task families: ``@register_task_family``, ``create_task_family``, ``list_task_families``."""
+"""Registry of task families: ``@register_task_family``, ``create_task_family``, ``list_task_families``.
+
+A leaf (timm's pattern): it imports no family. ``metalr/tasks/__init__.py`` imports the family modules,
+which register themselves, so the registry is complete once ``metalr.tasks`` (or anything under it) is
+imported.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -27,16 +31,7 @@ def register_task_family(name: str) -> Callable[[F], F]:
     return decorator
 
 
-def _ensure_loaded() -> None:
-    # Importing the family modules registers them; kept lazy so `import metalr` stays light.
-    import metalr.tasks.embedded  # noqa: F401
-
-    if (Path(__file__).parent / "real.py").exists():  # real-data families (their heavy imports are lazy)
-        import metalr.tasks.real  # noqa: F401
-
-
 def list_task_families() -> list[str]:
-    _ensure_loaded()
     return sorted(_FAMILIES)
 
 
@@ -47,7 +42,6 @@ def create_task_family(name: str, **overrides: Any) -> TaskFamily:
         KeyError: unknown name (the message lists the registered ones).
         ValueError: an override the family does not take.
     """
-    _ensure_loaded()
     if name not in _FAMILIES:
         raise KeyError(f"unknown task family {name!r}; registered families: {', '.join(sorted(_FAMILIES))}")
     sampling_fields = {f.name for f in dataclasses.fields(SamplingConfig)}
