@@ -73,11 +73,10 @@ def _removed_on_user_error(out: Path) -> Iterator[None]:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    from metalr.config import MetaTrainConfig, load_config, load_suite
+    from metalr.meta.recipe import load_recipe
     from metalr.meta.trainer import MetaTrainingError, meta_train
 
-    config = load_config(MetaTrainConfig, args.recipe, args.overrides)
-    load_suite(config.suite)  # validate before creating anything on disk
+    config = load_recipe(args.recipe, args.overrides)  # every name checked before anything is on disk
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
     args.continuation = _continuation(args, out)
@@ -92,10 +91,9 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from metalr.config import load_eval_config
-    from metalr.evaluation import evaluate_suite
+    from metalr.evaluation import evaluate_suite, load_eval_suite
 
-    config = load_eval_config(args.suite, args.overrides)
+    config = load_eval_suite(args.suite, args.overrides)
     if args.seeds is not None:
         if args.seeds <= 0:
             raise UserError(f"--seeds must be a positive integer, got {args.seeds}")

@@ -5,6 +5,13 @@ the allowed ones) and wrong types (naming the expected type), strictly:
 so ``steps: "100"`` is an error rather than a silent coercion (ints are accepted where floats are
 expected, nothing else is converted). The resolved config is written into
 each run directory (:func:`dump_config`).
+
+Config is data: this module imports no other part of metalr (``io`` aside), so loading an evaluation
+suite never pulls in the meta-training code. Values checked here are the ones a dataclass can check by
+itself (ranges, types, plain names); a *name* of something registered elsewhere (estimator, truncation
+schedule, task family, method, base schedule, feature group, controller kind) is checked by the package
+that owns it, through the loaders the CLI uses: :func:`metalr.meta.recipe.load_recipe`,
+:func:`metalr.tasks.load_suite` and :func:`metalr.evaluation.load_eval_suite`, all before anything runs.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from metalr.features import DEFAULT_GROUPS
 from metalr.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +36,17 @@ class ConfigError(ValueError):
     """A user's configuration is wrong; the message is one line naming the key and what was expected."""
 
 
+# metalr.features.DEFAULT_GROUPS, spelled out because config imports no subsystem (a test keeps them equal).
+DEFAULT_FEATURE_GROUPS = ("loss", "grad", "variance", "update", "progress", "lr", "stability")
+
+
 @dataclasses.dataclass(frozen=True)
 class ControllerConfig:
+    """What a recipe says about the controller; ``metalr.meta.recipe.check_recipe`` builds it to validate."""
+
     kind: str = "mlp"  # network: "mlp" (hidden [64, 32]) or "lstm" (recurrent, hidden [32])
     hidden: tuple[int, ...] = (64, 32)  # hidden layer widths
-    features: tuple[str, ...] = DEFAULT_GROUPS  # feature groups the controller reads (ablation switches)
+    features: tuple[str, ...] = DEFAULT_FEATURE_GROUPS  # feature groups the controller reads (ablation switches)
     base_schedule: str = "constant"  # schedule the learned factor multiplies: "constant" | "cosine"
     min_lr: float = 1e-6  # absolute lower LR bound
     max_lr: float = 1.0  # absolute upper LR bound
@@ -44,19 +56,10 @@ class ControllerConfig:
     guard_ratio: float = 5.0  # loss > guard_ratio x its slow EMA counts as divergence
     guard_cut: float = 10.0  # divergence guardrail divides the LR by this at once (1 = off)
 
-    def __post_init__(self) -> None:
-        # Build the pieces once so a bad recipe fails at load time, naming the value.
-        from metalr.controller import ArchConfig, PolicyConfig
-        from metalr.features import FeatureSpec
-
-        FeatureSpec(groups=tuple(self.features), guard_ratio=self.guard_ratio)
-        ArchConfig(kind=self.kind, hidden=tuple(self.hidden))
-        PolicyConfig(self.min_lr, self.max_lr, self.min_factor, self.max_factor, self.max_log_step, self.base_schedule, self.guard_cut)
-
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
-    estimator: str = "tbptt"  # gradient estimator (see `metalr.meta.estimators.ESTIMATORS`)
+    estimator: str = "tbptt"  # gradient estimator (a name in `metalr.meta.estimators.ESTIMATORS`)
     backend: str = "native"  # unroll implementation for backprop estimators: "native" | "higher"
     meta_steps: int = 200  # outer (controller) updates
     meta_batch: int = 4  # inner tasks trained in parallel, one truncation each per meta-step
@@ -105,17 +108,6 @@ class MetaConfig:
             raise ValueError(f"es_sigma must be > 0, got {self.es_sigma}")
         if not self.memory_budget_mb >= 0:
             raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
-        # Names are checked here, at load time, so a typo never starts a run (imports are lazy: meta imports us).
-        from metalr.meta.estimators import ESTIMATORS
-        from metalr.meta.truncation import TRUNCATION_SCHEDULES
-
-        for key, value, allowed in (
-            ("estimator", self.estimator, sorted(ESTIMATORS)),
-            ("truncation", self.truncation, list(TRUNCATION_SCHEDULES)),
-            ("backend", self.backend, ["native", "higher"]),
-        ):
-            if value not in allowed:
-                raise ValueError(f"unknown {key} {value!r}; expected one of {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +293,7 @@ def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> 
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file plus ``key=value`` overrides.
+    """Load ``cls`` from a YAML file plus ``key=value`` overrides (types and ranges; names unchecked).
 
     Example:
         >>> cfg = load_config(MetaTrainConfig, "meta_train/demo.yaml", ["meta.meta_steps=10"])
@@ -323,22 +315,14 @@ def resolve_suite_path(name_or_path: str) -> Path:
     raise ConfigError(f"task suite {name_or_path!r} is neither a file nor one of: {', '.join(available)}")
 
 
-def load_suite(name_or_path: str) -> SuiteConfig:
-    """Read a task suite and check that every family it names exists and takes its overrides."""
+def read_suite(name_or_path: str) -> SuiteConfig:
+    """A task suite as data (its family names unchecked: :func:`metalr.tasks.load_suite` checks them)."""
     path = resolve_suite_path(name_or_path)
     data = read_yaml(path)
     for key in ("meta_train", "meta_valid", "held_out"):
         if key in data:
             data[key] = [dict(e) for e in _family_entries(data[key], f"{path}: {key}")]
-    suite = build_config(SuiteConfig, data, str(path))
-    from metalr.tasks import create_task_family
-
-    for entry in (*suite.meta_train, *suite.meta_valid, *suite.held_out):
-        try:
-            create_task_family(entry.family, **entry.overrides)
-        except (KeyError, ValueError, TypeError) as err:
-            raise ConfigError(f"{path}: {err.args[0] if err.args else err}") from None
-    return suite
+    return build_config(SuiteConfig, data, str(path))
 
 
 def to_plain(config: Any) -> Any:
@@ -441,8 +425,9 @@ def _method_entries(value: Any, where: str) -> list[dict[str, Any]]:
     return entries
 
 
-def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
-    """Read an evaluation suite; every method it names must be registered and take its options."""
+def read_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+    """An evaluation suite as data, its protocol settings checked (its method and task-suite names are
+    checked by :func:`metalr.evaluation.load_eval_suite`)."""
     data = _merge(read_yaml(path), parse_overrides(overrides or []))
     if "methods" in data:
         data["methods"] = _method_entries(data["methods"], f"{path}: methods")
@@ -450,13 +435,6 @@ def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> Ev
     if config.split not in ("held_out", "meta_valid", "meta_train"):
         raise ConfigError(f"{path}: split must be held_out, meta_valid or meta_train, got {config.split!r}")
     _check_eval_protocol(config, str(path))
-    from metalr.methods import create_method
-
-    for entry in config.methods:
-        try:
-            create_method(entry.method, **entry.options)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"{path}: {err.args[0]}") from None
     return config
 
 

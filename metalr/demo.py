@@ -13,20 +13,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metalr.config import ROOT, MetaTrainConfig, load_config, load_eval_config
+from metalr.config import ROOT
 
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True, workers: int = 0) -> str:
     """Meta-train then evaluate; returns the text to print."""
-    from metalr.evaluation import evaluate_suite
+    from metalr.evaluation import evaluate_suite, load_eval_suite
     from metalr.evaluation.report import FIGURES
+    from metalr.meta.recipe import load_recipe
     from metalr.meta.trainer import meta_train
 
     suffix = "-quick" if quick else ""
     recipe = ROOT / "meta_train" / f"demo{suffix}.yaml"
     suite = ROOT / "evaluate" / f"demo{suffix}.yaml"
-    config = load_config(MetaTrainConfig, recipe)
-    eval_config = load_eval_config(suite)
+    config = load_recipe(recipe)
+    eval_config = load_eval_suite(suite)
     controller_dir = out / "controller"
     if not (controller_dir / "final.safetensors").exists():
         print(f"[1/2] meta-training a controller ({recipe.relative_to(ROOT)}) -> {controller_dir}")

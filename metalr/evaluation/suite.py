@@ -26,15 +26,37 @@ from typing import Any
 from tqdm import tqdm
 
 from metalr.checkpoint import load_controller, resolve_checkpoint
-from metalr.config import ConfigError, EvalConfig, dump_config, load_suite
+from metalr.config import ConfigError, EvalConfig, dump_config, read_eval_config
 from metalr.evaluation.executors import Executor, available_cpus, create_executor
 from metalr.evaluation.harness import Cell, count_transfer_cells, plan_cells, plan_transfer_cells
 from metalr.evaluation.metrics import select_lr
 from metalr.evaluation.report import RESULTS, load_records, render_report
 from metalr.io import append_jsonl
 from metalr.methods import MethodContext, create_method
-from metalr.tasks import TaskSpec, build_task
+from metalr.tasks import TaskSpec, build_task, load_suite
 from metalr.tasks.registry import sample_specs
+
+
+def check_eval_config(config: EvalConfig, where: str = "evaluation suite") -> None:
+    """Raise :class:`ConfigError` when a method or the task suite ``config`` names cannot be built: each
+    name is checked by its registry (methods, task families), before any task is sampled."""
+    for entry in config.methods:
+        try:
+            create_method(entry.method, **entry.options)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"{where}: {err.args[0]}") from None
+    load_suite(config.suite)
+
+
+def load_eval_suite(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+    """An evaluation suite (``evaluate/*.yaml`` plus ``key=value`` overrides), every name in it checked.
+
+    Example:
+        >>> config = load_eval_suite("evaluate/demo-quick.yaml", ["seeds=1"])
+    """
+    config = read_eval_config(path, overrides)
+    check_eval_config(config, str(path))
+    return config
 
 
 def held_out_specs(config: EvalConfig) -> list[TaskSpec]:
@@ -245,4 +267,13 @@ def evaluate_suite(
     return render_report(out_dir)
 
 
-__all__ = ["evaluate_suite", "held_out_specs", "preflight", "prepare_tasks", "protocol_of", "quiet_libraries"]
+__all__ = [
+    "check_eval_config",
+    "evaluate_suite",
+    "held_out_specs",
+    "load_eval_suite",
+    "preflight",
+    "prepare_tasks",
+    "protocol_of",
+    "quiet_libraries",
+]

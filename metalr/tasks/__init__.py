@@ -10,6 +10,7 @@ from metalr.tasks.registry import (
     build_task,
     create_task_family,
     list_task_families,
+    load_suite,
     register_task_family,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "build_task",
     "create_task_family",
     "list_task_families",
+    "load_suite",
     "register_task_family",
 ]

@@ -15,8 +15,8 @@ import pytest
 import metalr.evaluation.executors as executors
 import metalr.evaluation.suite as suite_module
 from metalr.cli import main
-from metalr.config import ConfigError, EvalConfig, load_eval_config
-from metalr.evaluation import evaluate_suite, render_report
+from metalr.config import ConfigError, EvalConfig
+from metalr.evaluation import evaluate_suite, load_eval_suite, render_report
 from metalr.evaluation.harness import TIMING_FIELDS, plan_cells, run_cell
 from metalr.evaluation.report import load_records
 from metalr.evaluation.suite import held_out_specs
@@ -119,18 +119,18 @@ def test_cli_reports_a_missing_controller_in_one_line(
 
 def test_protocol_settings_are_validated(eval_yaml: Callable[[str], Path]) -> None:
     with pytest.raises(ConfigError, match="reference"):
-        load_eval_config(eval_yaml("methods: [constant]\nreference: cosine\n"))
+        load_eval_suite(eval_yaml("methods: [constant]\nreference: cosine\n"))
     with pytest.raises(ConfigError, match="target"):
-        load_eval_config(eval_yaml("methods: [cosine]\ntarget: fastest\n"))
+        load_eval_suite(eval_yaml("methods: [cosine]\ntarget: fastest\n"))
     with pytest.raises(ConfigError, match="lr_grid"):
-        load_eval_config(eval_yaml("methods: [cosine]\nlr_grid: {lion: [0.1]}\n"))
-    config = load_eval_config(
+        load_eval_suite(eval_yaml("methods: [cosine]\nlr_grid: {lion: [0.1]}\n"))
+    config = load_eval_suite(
         eval_yaml("methods: [cosine]\nlr_grid: {adam: [0.001, 0.01]}\nlr_grid_points: 3\n")
     )
     assert config.grid_for("adam") == (0.001, 0.01)
     assert config.grid_for("sgd") == (0.001, 0.0316227766017, 1.0)
     with pytest.raises(ConfigError, match="families"):
-        held_out_specs(load_eval_config(eval_yaml("methods: [cosine]\nfamilies: [digits_mlp]\n")))
+        held_out_specs(load_eval_suite(eval_yaml("methods: [cosine]\nfamilies: [digits_mlp]\n")))
 
 
 def _without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,7 +160,7 @@ def test_ray_backend_writes_the_same_results_as_the_process_pool(
 def test_more_workers_than_cpus_is_said_once_the_suite_is_valid(
     eval_yaml: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = load_eval_config(eval_yaml("tasks_per_family: 1\nseeds: 1\nmethods: [constant]\nreference: constant\ntune: false\nhorizon_scales: []\n"))
+    config = load_eval_suite(eval_yaml("tasks_per_family: 1\nseeds: 1\nmethods: [constant]\nreference: constant\ntune: false\nhorizon_scales: []\n"))
     # Run inline whatever the worker count: the warning is what is tested, not a pool of 64 processes.
     monkeypatch.setattr(suite_module, "create_executor", lambda backend, workers, path, address: executors.InlineExecutor(path))
     evaluate_suite(config, None, tmp_path / "many", workers=executors.available_cpus() + 1, progress=False)
