@@ -92,6 +92,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from metalr.evaluation import evaluate_suite, load_eval_suite
+    from metalr.evaluation.records import RecordError
 
     config = load_eval_suite(args.suite, args.overrides)
     if args.seeds is not None:
@@ -107,15 +108,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be a positive integer (or 0 for all CPUs), got {args.workers}")
     args.continuation = _continuation(args, out, flag=None)  # re-running the same command skips finished runs
     with _removed_on_user_error(out):
-        summary = evaluate_suite(
-            config,
-            controller=args.controller,
-            out_dir=out,
-            workers=args.workers,
-            backend=args.backend,
-            address=args.address,
-            progress=not args.no_progress,
-        )
+        try:
+            summary = evaluate_suite(
+                config,
+                controller=args.controller,
+                out_dir=out,
+                workers=args.workers,
+                backend=args.backend,
+                address=args.address,
+                progress=not args.no_progress,
+            )
+        except RecordError as err:  # --out holds records of a version this metalr cannot read
+            raise UserError(str(err)) from None
     print(summary)
     print(f"\nreport: {out / 'report.md'} (and report.html); records: {out / 'results.jsonl'}")
     return 0
@@ -126,8 +130,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (directory / "results.jsonl").is_file():
         raise UserError(f"{directory} has no results.jsonl; point `metalr report` at an evaluation output directory")
     from metalr.evaluation import render_report
+    from metalr.evaluation.records import RecordError
 
-    print(render_report(directory))
+    try:
+        print(render_report(directory))
+    except RecordError as err:  # records of a version this metalr cannot read
+        raise UserError(str(err)) from None
     return 0
 
 

@@ -33,13 +33,10 @@ import torch
 
 from metalr.checkpoint import load_controller
 from metalr.config import EvalConfig, MethodEntry
+from metalr.evaluation.records import RunRecord
 from metalr.methods import MethodContext, create_method
 from metalr.tasks import TaskSpec, build_task
 
-RECORD_VERSION = 2  # 2: rss_growth_mb and optimizer_state_mb (per-run memory; peak_rss_mb is the worker's)
-# Fields that measure the machine rather than the training run: they differ between two executions of the
-# same cell (process pool vs Ray, one machine vs another) and are ignored when records are compared.
-TIMING_FIELDS = ("seconds", "train_seconds", "eval_seconds", "peak_rss_mb", "rss_growth_mb", "peak_cuda_mb", "worker")
 LR_SOURCES = ("default", "grid", "transfer")
 
 
@@ -90,7 +87,7 @@ class Cell:
         return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
     def describe(self) -> dict[str, Any]:
-        """The cell's identity as record fields."""
+        """The cell's identity as :class:`RunRecord` fields."""
         return {
             "key": self.key,
             "task": self.spec.to_dict(),
@@ -292,7 +289,7 @@ def _evaluate(task: Any, run: Any, split: str) -> dict[str, float]:
     return {name: _short(value) for name, value in metrics.items()}
 
 
-def run_cell(cell: Cell, controller: Any = None) -> dict[str, Any]:
+def run_cell(cell: Cell, controller: Any = None) -> RunRecord:
     """Train one cell with the task's real ``torch.optim`` optimizer and the method's scheduler.
 
     Args:
@@ -366,27 +363,26 @@ def run_cell(cell: Cell, controller: Any = None) -> dict[str, Any]:
         final_test = {"loss": math.inf}
     rss_mb, cuda_mb = _peak_memory(cell.device)
     rss_growth_mb = rss_mb - rss_at_start if peak_is_per_run else math.nan
-    return {
+    return RunRecord(
         **cell.describe(),
-        "version": RECORD_VERSION,
-        "train_loss": train_loss,
-        "lr_trace": lr_trace,
-        "valid": valid,
-        "initial_valid_loss": initial["loss"],
-        "final_valid": final_valid,
-        "final_test": final_test,
-        "steps_done": len(train_loss),
-        "nonfinite_step": nonfinite_step,
-        # Divergence also covers "final loss above initial" (metrics.diverged), a protocol setting.
-        "nonfinite": nonfinite_step is not None or not math.isfinite(final_valid["loss"]),
-        "seconds": round(time.perf_counter() - started, 4),
-        "train_seconds": round(train_seconds, 4),
-        "eval_seconds": round(eval_seconds, 4),
+        train_loss=train_loss,
+        lr_trace=lr_trace,
+        valid=valid,
+        initial_valid_loss=initial["loss"],
+        final_valid=final_valid,
+        final_test=final_test,
+        steps_done=len(train_loss),
+        nonfinite_step=nonfinite_step,
+        # Divergence also covers "final loss above initial" (metrics.is_diverged), a protocol setting.
+        nonfinite=nonfinite_step is not None or not math.isfinite(final_valid["loss"]),
+        seconds=round(time.perf_counter() - started, 4),
+        train_seconds=round(train_seconds, 4),
+        eval_seconds=round(eval_seconds, 4),
         # The worker's peak RSS (its imports and cached datasets included: the same for every method) ...
-        "peak_rss_mb": round(rss_mb, 1),
+        peak_rss_mb=round(rss_mb, 1),
         # ... and what this run added to it at its peak, and the optimizer state it ended with.
-        "rss_growth_mb": round(rss_growth_mb, 3),
-        "optimizer_state_mb": round(_optimizer_state_mb(run.optimizer), 4),
-        "peak_cuda_mb": round(cuda_mb, 1),
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-    }
+        rss_growth_mb=round(rss_growth_mb, 3),
+        optimizer_state_mb=round(_optimizer_state_mb(run.optimizer), 4),
+        peak_cuda_mb=round(cuda_mb, 1),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )

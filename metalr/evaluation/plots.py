@@ -151,7 +151,7 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
             ok = np.isfinite(losses)
             positive &= bool((losses[ok] > 0).all())
             ax.plot(lrs[ok], losses[ok], **_line(styles[method]), label=method)
-            diverged = {float(r["lr"]) for r in analysis.grid_runs(task, method) if is_diverged(r, ratio)}
+            diverged = {r.lr for r in analysis.grid_runs(task, method) if is_diverged(r, ratio)}
             for lr, loss in curve:
                 if lr in diverged and math.isfinite(loss):
                     ax.scatter([lr], [loss], marker="x", color=colors[method], s=30, zorder=3)
@@ -188,9 +188,9 @@ def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: flo
         runs = analysis.reported_runs(task, method, horizon)
         if not runs:
             continue
-        length = min(len(r["valid"]) for r in runs)
-        steps = np.array([p["step"] for p in runs[0]["valid"][:length]], dtype=float)
-        losses = np.array([[p["loss"] for p in r["valid"][:length]] for r in runs], dtype=float)
+        length = min(len(r.valid) for r in runs)
+        steps = np.array([p["step"] for p in runs[0].valid[:length]], dtype=float)
+        losses = np.array([[p["loss"] for p in r.valid[:length]] for r in runs], dtype=float)
         losses = np.where(np.isfinite(losses), losses, np.nan)
         positive &= bool(np.nanmin(losses, initial=1.0) > 0)
         with np.errstate(all="ignore"), _quiet():
@@ -199,9 +199,9 @@ def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: flo
                 steps, np.nanmin(losses, 0), np.nanmax(losses, 0), color=colors[method], alpha=0.15
             )
         ax_loss.plot(steps, median, **_line(styles[method], len(steps)), label=method)
-        trace_len = min(len(r["lr_trace"]) for r in runs)
+        trace_len = min(len(r.lr_trace) for r in runs)
         if trace_len:
-            traces = np.array([r["lr_trace"][:trace_len] for r in runs], dtype=float)
+            traces = np.array([r.lr_trace[:trace_len] for r in runs], dtype=float)
             with _quiet():
                 ax_lr.plot(
                     np.arange(1, trace_len + 1),
@@ -234,10 +234,10 @@ def lr_stability_plot(analysis: Analysis, path: Path) -> Path:
     for ax, method in zip(axes.flat, analysis.methods, strict=False):
         for task in analysis.tasks:
             for record in analysis.reported_runs(task, method):
-                trace = np.asarray(record["lr_trace"], dtype=float)
+                trace = np.asarray(record.lr_trace, dtype=float)
                 if trace.size == 0 or not trace[0] > 0:
                     continue
-                progress = np.arange(1, trace.size + 1) / record["steps"]
+                progress = np.arange(1, trace.size + 1) / record.steps
                 ax.plot(progress, trace / trace[0], color=colors[method], alpha=0.35, lw=0.8)
         roughness, seed_cv = analysis.lr_stability(method)
         ax.set_title(f"{method}\n|d ln LR|/step {roughness:.2g}, seed CV {seed_cv:.2g}", fontsize=8)
@@ -257,7 +257,7 @@ def resources_plot(analysis: Analysis, path: Path) -> Path:
     plt = _pyplot()
     colors = _colors(analysis.methods)
     resources = {m: analysis.resources(m) for m in analysis.methods}
-    use_cuda = any(r["peak_cuda_mb"] > 0 for r in resources.values())
+    use_cuda = any(r.peak_cuda_mb > 0 for r in resources.values())
     memory_key, memory_label = (
         ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("rss_growth_mb", "peak RSS growth in a run (MB)")
     )
@@ -270,7 +270,7 @@ def resources_plot(analysis: Analysis, path: Path) -> Path:
     x = np.arange(len(analysis.methods))
     bar_colors = [colors[m] for m in analysis.methods]
     for ax, (key, label) in zip(axes, panels, strict=True):
-        ax.bar(x, [resources[m][key] for m in analysis.methods], color=bar_colors)
+        ax.bar(x, [getattr(resources[m], key) for m in analysis.methods], color=bar_colors)
         ax.set_ylabel(label)
         ax.set_xticks(x, analysis.methods, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")

@@ -30,6 +30,7 @@ from metalr.config import ConfigError, EvalConfig, dump_config, read_eval_config
 from metalr.evaluation.executors import Executor, available_cpus, create_executor
 from metalr.evaluation.harness import Cell, count_transfer_cells, plan_cells, plan_transfer_cells
 from metalr.evaluation.metrics import select_lr
+from metalr.evaluation.records import ReportProtocol
 from metalr.evaluation.report import RESULTS, load_records, render_report
 from metalr.io import append_jsonl
 from metalr.methods import MethodContext, create_method
@@ -77,26 +78,6 @@ def held_out_specs(config: EvalConfig) -> list[TaskSpec]:
     if config.max_steps:
         specs = [s.replace(steps=min(s.steps, config.max_steps)) for s in specs]
     return specs
-
-
-def protocol_of(config: EvalConfig) -> dict[str, Any]:
-    """The protocol settings stored in every record (what ``metalr report`` needs besides the runs)."""
-    return {
-        "name": config.name,
-        "suite": config.suite,
-        "split": config.split,
-        "methods": [entry.display for entry in config.methods],
-        "reference": config.reference,
-        "target": config.target,
-        "tune": config.tune,
-        "seeds": config.seeds,
-        "lr_grid_points": config.lr_grid_points,
-        "horizon_scales": list(config.horizon_scales),
-        "profile_max_ratio": config.profile_max_ratio,
-        "confidence": config.confidence,
-        "bootstrap_samples": config.bootstrap_samples,
-        "divergence_ratio": config.divergence_ratio,
-    }
 
 
 def quiet_libraries() -> None:
@@ -178,11 +159,10 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def _run(
-    executor: Executor, cells: Sequence[Cell], results: Path, protocol: dict[str, Any], bar: tqdm[Any]
+    executor: Executor, cells: Sequence[Cell], results: Path, protocol: ReportProtocol, bar: tqdm[Any]
 ) -> None:
     for record in executor.run(cells):
-        record["protocol"] = protocol
-        append_jsonl(results, record)
+        append_jsonl(results, record.with_protocol(protocol).to_json())
         bar.update(1)
 
 
@@ -226,10 +206,10 @@ def evaluate_suite(
     dump_config(config, out_dir / "config.yaml")
     results = out_dir / RESULTS
     _repair_torn_tail(results)
-    protocol = protocol_of(config)
+    protocol = ReportProtocol.of(config)
 
     phase1 = plan_cells(config, specs)
-    done = {record["key"] for record in load_records(results)}
+    done = {record.key for record in load_records(results)}
     todo = [cell for cell in phase1 if cell.key not in done]
     total = len(phase1) + count_transfer_cells(config, specs)
     finished_before = len(phase1) - len(todo)
@@ -247,17 +227,17 @@ def evaluate_suite(
             _run(executor, todo, results, protocol, bar)
 
             planned = {cell.key for cell in phase1}
-            grid = [r for r in load_records(results) if r["key"] in planned and r["lr_source"] == "grid"]
+            grid = [r for r in load_records(results) if r.key in planned and r.lr_source == "grid"]
             tuned_lrs = {}
             for spec in specs:
                 for entry in config.methods:
                     lr = select_lr(
-                        r for r in grid if r["task_key"] == spec.key and r["method"] == entry.display
+                        r for r in grid if r.task_key == spec.key and r.method == entry.display
                     )
                     if lr is not None:
                         tuned_lrs[spec.key, entry.display] = lr
             phase2 = plan_transfer_cells(config, specs, tuned_lrs)
-            done = {record["key"] for record in load_records(results)}
+            done = {record.key for record in load_records(results)}
             todo2 = [cell for cell in phase2 if cell.key not in done]
             bar.update(len(phase2) - len(todo2))
             _run(executor, todo2, results, protocol, bar)
@@ -274,6 +254,5 @@ __all__ = [
     "load_eval_suite",
     "preflight",
     "prepare_tasks",
-    "protocol_of",
     "quiet_libraries",
 ]

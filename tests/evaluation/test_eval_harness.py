@@ -100,30 +100,30 @@ def test_cell_key_ignores_nothing_that_changes_the_run() -> None:
 def test_every_registered_method_runs_through_the_one_loop(method: str, controller_path: Path) -> None:
     cell = Cell(SPEC, MethodEntry(method), False, 0, SPEC.base_lr, "default", 1.0, 20, 10)
     result = run_cell(cell, load_controller(controller_path))
-    assert result["method"] == method and result["key"] == cell.key
-    assert len(result["train_loss"]) == len(result["lr_trace"]) == result["steps_done"] == 20
-    assert [p["step"] for p in result["valid"]] == [0, 10, 20]
-    assert math.isfinite(result["final_test"]["loss"]) and "accuracy" in result["final_test"]
-    assert result["final_valid"]["loss"] == result["valid"][-1]["loss"]
-    assert all(lr > 0 and math.isfinite(lr) for lr in result["lr_trace"])
-    assert result["peak_rss_mb"] > 0 and result["train_seconds"] > 0
+    assert result.method == method and result.key == cell.key
+    assert len(result.train_loss) == len(result.lr_trace) == result.steps_done == 20
+    assert [p["step"] for p in result.valid] == [0, 10, 20]
+    assert math.isfinite(result.final_test["loss"]) and "accuracy" in result.final_test
+    assert result.final_valid["loss"] == result.valid[-1]["loss"]
+    assert all(lr > 0 and math.isfinite(lr) for lr in result.lr_trace)
+    assert result.peak_rss_mb > 0 and result.train_seconds > 0
 
 
 def test_run_is_deterministic_in_the_seed(controller_path: Path) -> None:
     cell = Cell(SPEC, MethodEntry("cosine"), True, 1, 1e-2, "grid", 1.0, 20, 10)
     first, second = run_cell(cell), run_cell(cell)
-    assert first["train_loss"] == second["train_loss"] and first["final_test"] == second["final_test"]
+    assert first.train_loss == second.train_loss and first.final_test == second.final_test
     other_seed = run_cell(Cell(SPEC, MethodEntry("cosine"), True, 2, 1e-2, "grid", 1.0, 20, 10))
-    assert other_seed["train_loss"] != first["train_loss"]
+    assert other_seed.train_loss != first.train_loss
 
 
 def test_a_diverging_run_stops_and_is_recorded_as_non_finite() -> None:
     spec = SPEC.replace(optimizer="sgd")
     cell = Cell(spec, MethodEntry("constant"), True, 0, 1e6, "grid", 1.0, 20, 10)
     result = run_cell(cell)
-    assert result["nonfinite"] and result["nonfinite_step"] is not None
-    assert result["steps_done"] == result["nonfinite_step"] <= 20
-    assert result["final_test"]["loss"] == math.inf
+    assert result.nonfinite and result.nonfinite_step is not None
+    assert result.steps_done == result.nonfinite_step <= 20
+    assert result.final_test["loss"] == math.inf
 
 
 def test_no_module_of_the_harness_names_a_method() -> None:
@@ -172,9 +172,9 @@ def test_memory_is_measured_per_run_not_per_worker(monkeypatch: pytest.MonkeyPat
     hog = run_cell(Cell(SPEC, MethodEntry(_MemoryHog.name), False, 0, SPEC.base_lr, "default", 1.0, 20, 10))
     plain = run_cell(Cell(SPEC, MethodEntry("constant"), False, 0, SPEC.base_lr, "default", 1.0, 20, 10))
     # The worker's peak includes everything the process holds; the per-run growth tells the two apart.
-    assert hog["rss_growth_mb"] >= 60 and plain["rss_growth_mb"] < 30, (hog["rss_growth_mb"], plain["rss_growth_mb"])
-    assert plain["peak_rss_mb"] > plain["rss_growth_mb"]
+    assert hog.rss_growth_mb >= 60 and plain.rss_growth_mb < 30, (hog.rss_growth_mb, plain.rss_growth_mb)
+    assert plain.peak_rss_mb > plain.rss_growth_mb
     sgd = run_cell(Cell(SPEC.replace(optimizer="sgd"), MethodEntry("constant"), False, 0, 0.1, "default", 1.0, 20, 10))
     parameters = sum(p.numel() * 4 for p in build_task(SPEC).model.parameters()) / 2**20
     # Adam keeps two moments per parameter (plus a scalar step each); plain SGD keeps nothing.
-    assert plain["optimizer_state_mb"] == pytest.approx(2 * parameters, rel=0.02) and sgd["optimizer_state_mb"] == 0
+    assert plain.optimizer_state_mb == pytest.approx(2 * parameters, rel=0.02) and sgd.optimizer_state_mb == 0

@@ -17,7 +17,8 @@ import metalr.evaluation.suite as suite_module
 from metalr.cli import main
 from metalr.config import ConfigError, EvalConfig
 from metalr.evaluation import evaluate_suite, load_eval_suite, render_report
-from metalr.evaluation.harness import TIMING_FIELDS, plan_cells, run_cell
+from metalr.evaluation.harness import plan_cells, run_cell
+from metalr.evaluation.records import TIMING_FIELDS, RunRecord
 from metalr.evaluation.report import load_records
 from metalr.evaluation.suite import held_out_specs
 
@@ -46,7 +47,7 @@ def test_evaluate_is_resumable_and_the_report_lists_every_method(
     summary = evaluate_suite(tiny_config, str(controller_path), out, workers=1, progress=False)
     records = load_records(out / "results.jsonl")
     assert len(records) == len(_lines(out / "results.jsonl")) == 48
-    assert {r["lr_source"] for r in records} == {"default", "grid", "transfer"}
+    assert {r.lr_source for r in records} == {"default", "grid", "transfer"}
 
     report = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
@@ -133,11 +134,11 @@ def test_protocol_settings_are_validated(eval_yaml: Callable[[str], Path]) -> No
         held_out_specs(load_eval_suite(eval_yaml("methods: [cosine]\nfamilies: [digits_mlp]\n")))
 
 
-def _without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _without_timing(records: list[RunRecord]) -> list[dict[str, Any]]:
     stripped = []
-    for record in sorted(records, key=lambda r: r["key"]):
-        clean = {k: v for k, v in record.items() if k not in TIMING_FIELDS}
-        clean["valid"] = [{k: v for k, v in p.items() if k != "train_seconds"} for p in record["valid"]]
+    for record in sorted(records, key=lambda r: r.key):
+        clean = {k: v for k, v in record.to_json().items() if k not in TIMING_FIELDS}
+        clean["valid"] = [{k: v for k, v in p.items() if k != "train_seconds"} for p in record.valid]
         stripped.append(clean)
     return stripped
 
@@ -197,3 +198,17 @@ def test_tasks_are_prepared_visibly_and_library_output_stays_out(tmp_path: Path)
     assert "preparing task 1/1: sst2_lstm" in stderr
     assert stderr.index("preparing task 1/1") < stderr.index("evaluate sst-eval")
     assert "Generating" not in stderr and "Saving the dataset" not in stderr, stderr[-3000:]
+
+
+def test_report_of_records_from_a_newer_metalr_is_one_line(
+    tiny_config: EvalConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = EvalConfig(**{**tiny_config.__dict__, "tune": False, "horizon_scales": (), "methods": tiny_config.methods[:1],
+                           "reference": tiny_config.methods[0].display})  # fmt: skip
+    out = tmp_path / "run"
+    evaluate_suite(config, None, out, workers=1, progress=False)
+    lines = _lines(out / "results.jsonl")
+    (out / "results.jsonl").write_text("\n".join([lines[0], json.dumps({**json.loads(lines[1]), "version": 9})]) + "\n")
+    assert main(["report", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "record version 9" in error and "reads versions [1, 2]" in error
