@@ -41,9 +41,9 @@ def steps_vs_tuned_cosine(analysis: Analysis, method: str) -> tuple[str, bool]:
 def beats_default_cosine(analysis: Analysis, method: str) -> tuple[str, bool]:
     wins = pairs = 0
     for task in analysis.tasks:
-        cosine = {int(r["seed"]): r for r in analysis.runs(task, "cosine", 1.0, "default")}
+        cosine = {r.seed: r for r in analysis.runs(task, "cosine", 1.0, "default")}
         for record in analysis.reported_runs(task, method):
-            other = cosine.get(int(record["seed"]))
+            other = cosine.get(record.seed)
             if other is not None:
                 pairs += 1
                 wins += final_test(record) < final_test(other)
@@ -61,7 +61,7 @@ def lr_robustness(analysis: Analysis, method: str, low: float = 1e-4, high: floa
     for name in (method, "constant", "cosine"):
         worst, diverged, runs = 0.0, 0, 0
         for task in analysis.tasks:
-            grid = [r for r in analysis.grid_runs(task, name) if r["optimizer"] in ADAM_FAMILY and in_range(float(r["lr"]))]
+            grid = [r for r in analysis.grid_runs(task, name) if r.optimizer in ADAM_FAMILY and in_range(r.lr)]
             if not grid:
                 continue
             optimum = analysis.target(task)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+from _data import data_files  # examples/_data.py: where data is looked for
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -46,6 +47,7 @@ parser.add_argument("--schedule", choices=["learned", "cosine"], default="learne
 parser.add_argument("--lr", type=float, default=5e-5, help="base LR the controller scales")
 parser.add_argument("--out", default="runs/hf_sst2")
 args = parser.parse_args()
+sst2 = data_files(args.data_dir, "sst2", "train.tsv", "dev.tsv")  # before the minutes spent loading a model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 model_dir = args.model or default_model_dir()
@@ -54,7 +56,7 @@ model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels
 
 
 def read_split(name: str, limit: int | None = None) -> list[dict]:
-    with open(Path(args.data_dir) / "sst2" / f"{name}.tsv", newline="") as f:
+    with open(sst2 / f"{name}.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))  # GLUE TSVs are unquoted
     if limit is not None:
         rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:limit]]

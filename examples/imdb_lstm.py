@@ -10,9 +10,9 @@ import os
 import re
 import tarfile
 from collections import Counter
-from pathlib import Path
 
 import torch
+from _data import data_files  # examples/_data.py: where data is looked for
 from torch import nn
 
 from metalr import LearnedLR, load_controller
@@ -27,7 +27,7 @@ args = parser.parse_args()
 torch.manual_seed(0)
 
 texts: dict[str, list[tuple[list[str], int]]] = {"train": [], "test": []}
-with tarfile.open(Path(args.data_dir) / "imdb" / "aclImdb_v1_labeled.tar.gz") as tar:
+with tarfile.open(data_files(args.data_dir, "imdb", "aclImdb_v1_labeled.tar.gz") / "aclImdb_v1_labeled.tar.gz") as tar:
     for member in tar:  # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt
         parts = member.name.split("/")
         if len(parts) == 4 and parts[2] in ("pos", "neg") and parts[3].endswith(".txt"):
@@ -68,7 +68,7 @@ for step in range(args.steps):
     optimizer.step()
     sched.step(loss)
     optimizer.zero_grad()
-    if (step + 1) % 100 == 0:
+    if (step + 1) % 100 == 0 or step + 1 == args.steps:
         print(f"step {step + 1}/{args.steps}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
 with torch.no_grad():
     sample = torch.randperm(len(x_test))[:5000]  # a fixed-seed 5,000-review sample keeps evaluation quick

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _data import data_files  # examples/_data.py: where data is looked for
 from torch import nn
 
 from metalr import LearnedLR, load_controller
@@ -36,7 +37,8 @@ parser.add_argument("--max-steps", type=int, default=None, help="stop early (smo
 args = parser.parse_args()
 torch.manual_seed(0)
 
-root = Path(args.data_dir) / "mnist"
+files = [f"{split}-{kind}-idx{dims}-ubyte.gz" for split in ("train", "t10k") for kind, dims in (("images", 3), ("labels", 1))]
+root = data_files(args.data_dir, "mnist", *files)
 load = lambda split: (read_idx(root / f"{split}-images-idx3-ubyte.gz").float().div(255).unsqueeze(1),  # noqa: E731
                       read_idx(root / f"{split}-labels-idx1-ubyte.gz").long())  # fmt: skip
 (x_train, y_train), (x_test, y_test) = load("train"), load("t10k")

@@ -9,9 +9,9 @@ import argparse
 import csv
 import math
 import os
-from pathlib import Path
 
 import torch
+from _data import data_files  # examples/_data.py: where data is looked for
 from torch import nn
 
 from metalr import LearnedLR, load_controller
@@ -25,7 +25,7 @@ parser.add_argument("--lr", type=float, default=3e-3, help="base LR the controll
 args = parser.parse_args()
 torch.manual_seed(0)
 
-with open(Path(args.data_dir) / "titanic" / "train.csv", newline="") as f:
+with open(data_files(args.data_dir, "titanic", "train.csv") / "train.csv", newline="") as f:
     rows = list(csv.DictReader(f))
 ages = sorted(float(r["Age"]) for r in rows if r["Age"])
 median_age = ages[len(ages) // 2]  # missing ages (177 of 891) get the median
@@ -57,7 +57,7 @@ for epoch in range(args.epochs):
         optimizer.step()
         sched.step(loss)  # after optimizer.step(), before zero_grad(): it reads the loss and the gradients
         optimizer.zero_grad()
-    if (epoch + 1) % 10 == 0:
+    if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
         with torch.no_grad():
             accuracy = ((model(x[test]).squeeze(1) > 0).float() == y[test]).float().mean().item()
         print(

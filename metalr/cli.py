@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,9 +33,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"metalr: error: {message} (see `{self.prog} --help`)\n")
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """How to continue an interrupted command: its output directory and the exact command that resumes it."""
+
+    out: Path
+    command: str
+
+    def hint(self, marker: str | None = None) -> str:
+        """``"; continue with: <command>"`` once ``out`` holds work (beyond ``marker``), else ``""``."""
+        held = [p.name for p in self.out.iterdir()] if self.out.is_dir() else []
+        return f"; continue with: {self.command}" if set(held) - {marker} else ""
+
+
+def _continuation(args: argparse.Namespace, out: Path, flag: str | None = "--resume") -> Continuation:
+    tokens = list(args.argv)
+    if flag and flag not in tokens:
+        tokens.append(flag)
+    return Continuation(out, shlex.join(["metalr", *tokens]))
+
+
 def _fresh_dir(path: Path, resume: bool) -> Path:
     if path.exists() and any(path.iterdir()) and not resume:
         raise UserError(f"output directory {path} is not empty; choose another --out or pass --resume")
+    if resume and not (path.is_dir() and any(path.iterdir())):
+        state = "is empty" if path.is_dir() else "does not exist"
+        raise UserError(f"--resume: {path} {state}, so there is nothing to resume; drop --resume to start a new run")
     return path
 
 
@@ -50,13 +75,13 @@ def _removed_on_user_error(out: Path) -> Iterator[None]:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    from metalr.config import MetaTrainConfig, load_config, load_suite
+    from metalr.meta.recipe import load_recipe
     from metalr.meta.trainer import MetaTrainingError, meta_train
 
-    config = load_config(MetaTrainConfig, resolve_shipped("meta_train", args.recipe, UserError), args.overrides)
-    load_suite(config.suite)  # validate before creating anything on disk
+    config = load_recipe(resolve_shipped("meta_train", args.recipe, UserError), args.overrides)  # every name checked before anything is on disk
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
+    args.continuation = _continuation(args, out)
     with _removed_on_user_error(out):
         try:
             meta_train(config, out, progress=not args.no_progress, resume=args.resume)
@@ -68,10 +93,10 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from metalr.config import load_eval_config
-    from metalr.evaluation import evaluate_suite
+    from metalr.evaluation import evaluate_suite, load_eval_suite
+    from metalr.evaluation.records import RecordError
 
-    config = load_eval_config(resolve_shipped("evaluate", args.suite, UserError), args.overrides)
+    config = load_eval_suite(resolve_shipped("evaluate", args.suite, UserError), args.overrides)
     if args.seeds is not None:
         if args.seeds <= 0:
             raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
@@ -81,19 +106,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         load_controller(args.controller)  # fail before any run starts
     out = Path(args.out)
-    workers = args.workers or os.cpu_count() or 1
-    if workers <= 0:
-        raise UserError(f"--workers must be a positive integer, got {workers}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be a positive integer (or 0 for all CPUs), got {args.workers}")
+    args.continuation = _continuation(args, out, flag=None)  # re-running the same command skips finished runs
     with _removed_on_user_error(out):
-        summary = evaluate_suite(
-            config,
-            controller=args.controller,
-            out_dir=out,
-            workers=workers,
-            backend=args.backend,
-            address=args.address,
-            progress=not args.no_progress,
-        )
+        try:
+            summary = evaluate_suite(
+                config,
+                controller=args.controller,
+                out_dir=out,
+                workers=args.workers,
+                backend=args.backend,
+                address=args.address,
+                progress=not args.no_progress,
+            )
+        except RecordError as err:  # --out holds records of a version this metalr cannot read
+            raise UserError(str(err)) from None
     print(summary)
     print(f"\nreport: {out / 'report.md'} (and report.html); records: {out / 'results.jsonl'}")
     return 0
@@ -104,8 +132,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (directory / "results.jsonl").is_file():
         raise UserError(f"{directory} has no results.jsonl; point `metalr report` at an evaluation output directory")
     from metalr.evaluation import render_report
+    from metalr.evaluation.records import RecordError
 
-    print(render_report(directory))
+    try:
+        print(render_report(directory))
+    except RecordError as err:  # records of a version this metalr cannot read
+        raise UserError(str(err)) from None
     return 0
 
 
@@ -113,13 +145,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from metalr.demo import run_demo
 
     out = Path(args.out)
+    if args.workers < 0:
+        raise UserError(f"--workers must be a positive integer (or 0 for all CPUs), got {args.workers}")
     if out.exists() and any(out.iterdir()) and not args.resume:
         if not (out / DEMO_MARKER).is_file():
             raise UserError(f"{out} is not empty and was not written by `metalr demo`; choose another --out")
         shutil.rmtree(out)  # a previous demo's output: start afresh
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).touch()
-    print(run_demo(out, quick=args.quick, progress=not args.no_progress, workers=args.workers))
+    args.continuation = _continuation(args, out)
+    try:
+        print(run_demo(out, quick=args.quick, progress=not args.no_progress, workers=args.workers))
+    except BaseException:
+        # A demo that failed (or was interrupted) before writing anything leaves no empty folder behind.
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {DEMO_MARKER}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return 0
 
 
@@ -197,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the suite")
     p.add_argument("--controller", help="checkpoint path or shipped name for the 'learned' method")
     p.add_argument("--seeds", type=int, help="training seeds per cell (overrides the suite)")
-    p.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all CPUs this process may use)")
     p.add_argument("--out", required=True, help="output directory; re-running into it skips finished runs")
     p.add_argument("--backend", choices=("process", "ray"), default="process", help="where runs execute")
     p.add_argument("--address", help="Ray cluster address (with --backend ray; local when omitted)")
@@ -209,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="meta-train a small controller on embedded tasks and evaluate it")
-    p.add_argument("--quick", action="store_true", help="about one minute instead of ten (used by the tests)")
+    p.add_argument(
+        "--quick", action="store_true", help="about 45 s on 2 cores instead of 3-6 minutes (the tests run it)"
+    )
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--resume", action="store_true", help="keep finished work in --out")
-    p.add_argument("--workers", type=int, default=0, help="evaluation worker processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="evaluation worker processes (default: all CPUs this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -237,9 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(token: str) -> bool:
+    return "=" in token and not token.startswith("-")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``, accepting ``key=value`` overrides anywhere (after options too), not only after the file.
+
+    argparse's ``parse_intermixed_args`` does not support subparsers, so the leftovers that look like
+    overrides are collected instead; any other leftover is still an error.
+    """
+    args, extras = parser.parse_known_args(argv)
+    leftovers = [token for token in extras if not (_is_override(token) and hasattr(args, "overrides"))]
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(token for token in extras if _is_override(token))]
+    args.argv = list(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -248,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"metalr: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("metalr: interrupted", file=sys.stderr)
+        continuation: Continuation | None = getattr(args, "continuation", None)
+        hint = continuation.hint(DEMO_MARKER) if continuation is not None else ""
+        print(f"metalr: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -5,11 +5,19 @@ the allowed ones) and wrong types (naming the expected type), strictly:
 so ``steps: "100"`` is an error rather than a silent coercion (ints are accepted where floats are
 expected, nothing else is converted). The resolved config is written into
 each run directory (:func:`dump_config`).
+
+Config is data: this module imports no other part of metalr (``io`` aside), so loading an evaluation
+suite never pulls in the meta-training code. Values checked here are the ones a dataclass can check by
+itself (ranges, types, plain names); a *name* of something registered elsewhere (estimator, truncation
+schedule, task family, method, base schedule, feature group, controller kind) is checked by the package
+that owns it, through the loaders the CLI uses: :func:`metalr.meta.recipe.load_recipe`,
+:func:`metalr.tasks.load_suite` and :func:`metalr.evaluation.load_eval_suite`, all before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,23 +25,29 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from metalr.features import DEFAULT_GROUPS
 from metalr.io import atomic_write_text
 from metalr.shipped import resolve_shipped
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # what a recipe's `name` may be (it names a folder)
 
 
 class ConfigError(ValueError):
     """A user's configuration is wrong; the message is one line naming the key and what was expected."""
 
 
+# metalr.features.DEFAULT_GROUPS, spelled out because config imports no subsystem (a test keeps them equal).
+DEFAULT_FEATURE_GROUPS = ("loss", "grad", "alignment", "update", "progress", "lr", "stability", "distance")
+
+
 @dataclasses.dataclass(frozen=True)
 class ControllerConfig:
+    """What a recipe says about the controller; ``metalr.meta.recipe.check_recipe`` builds it to validate."""
+
     kind: str = "mlp"  # network: "mlp" (hidden [64, 32]) or "lstm" (recurrent, hidden [32])
     hidden: tuple[int, ...] = (64, 32)  # hidden layer widths
-    features: tuple[str, ...] = DEFAULT_GROUPS  # feature groups the controller reads (ablation switches)
+    features: tuple[str, ...] = DEFAULT_FEATURE_GROUPS  # feature groups the controller reads (ablation switches)
     base_schedule: str = "constant"  # schedule the learned factor multiplies: "constant" | "cosine"
     min_lr: float = 1e-6  # absolute lower LR bound
     max_lr: float = 1.0  # absolute upper LR bound
@@ -43,19 +57,10 @@ class ControllerConfig:
     guard_ratio: float = 5.0  # loss > guard_ratio x its slow EMA counts as divergence
     guard_cut: float = 10.0  # divergence guardrail divides the LR by this at once (1 = off)
 
-    def __post_init__(self) -> None:
-        # Build the pieces once so a bad recipe fails at load time, naming the value.
-        from metalr.controller import ArchConfig, PolicyConfig
-        from metalr.features import FeatureSpec
-
-        FeatureSpec(groups=tuple(self.features), guard_ratio=self.guard_ratio)
-        ArchConfig(kind=self.kind, hidden=tuple(self.hidden))
-        PolicyConfig(self.min_lr, self.max_lr, self.min_factor, self.max_factor, self.max_log_step, self.base_schedule, self.guard_cut)
-
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
-    estimator: str = "tbptt"  # gradient estimator (see `metalr.meta.estimators.ESTIMATORS`)
+    estimator: str = "tbptt"  # gradient estimator (a name in `metalr.meta.estimators.ESTIMATORS`)
     backend: str = "native"  # unroll implementation for backprop estimators: "native" | "higher"
     meta_steps: int = 200  # outer (controller) updates
     meta_batch: int = 4  # inner tasks trained in parallel, one truncation each per meta-step
@@ -105,17 +110,6 @@ class MetaConfig:
             raise ValueError(f"es_sigma must be > 0, got {self.es_sigma}")
         if not self.memory_budget_mb >= 0:
             raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
-        # Names are checked here, at load time, so a typo never starts a run (imports are lazy: meta imports us).
-        from metalr.meta.estimators import ESTIMATORS
-        from metalr.meta.truncation import TRUNCATION_SCHEDULES
-
-        for key, value, allowed in (
-            ("estimator", self.estimator, sorted(ESTIMATORS)),
-            ("truncation", self.truncation, list(TRUNCATION_SCHEDULES)),
-            ("backend", self.backend, ["native", "higher"]),
-        ):
-            if value not in allowed:
-                raise ValueError(f"unknown {key} {value!r}; expected one of {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +125,11 @@ class MetaTrainConfig:
     meta: MetaConfig = MetaConfig()
 
     def __post_init__(self) -> None:
+        # The name becomes a folder under out_dir: a path in it ("../x", "a/b") would write elsewhere.
+        if not RUN_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"name must be a plain name (letters, digits, '.', '_', '-'; no path separators), got {self.name!r}"
+            )
         check_device(self.device)
 
 
@@ -280,8 +279,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty (or comments-only) file would silently mean "all defaults"
+        raise ConfigError(f"{path}: the file is empty; expected a YAML mapping of settings")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return data
@@ -296,7 +295,7 @@ def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> 
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file plus ``key=value`` overrides.
+    """Load ``cls`` from a YAML file plus ``key=value`` overrides (types and ranges; names unchecked).
 
     Example:
         >>> cfg = load_config(MetaTrainConfig, "meta_train/demo.yaml", ["meta.meta_steps=10"])
@@ -311,22 +310,14 @@ def resolve_suite_path(name_or_path: str) -> Path:
     return resolve_shipped("tasks", name_or_path, ConfigError)
 
 
-def load_suite(name_or_path: str) -> SuiteConfig:
-    """Read a task suite and check that every family it names exists and takes its overrides."""
+def read_suite(name_or_path: str) -> SuiteConfig:
+    """A task suite as data (its family names unchecked: :func:`metalr.tasks.load_suite` checks them)."""
     path = resolve_suite_path(name_or_path)
     data = read_yaml(path)
     for key in ("meta_train", "meta_valid", "held_out"):
         if key in data:
             data[key] = [dict(e) for e in _family_entries(data[key], f"{path}: {key}")]
-    suite = build_config(SuiteConfig, data, str(path))
-    from metalr.tasks import create_task_family
-
-    for entry in (*suite.meta_train, *suite.meta_valid, *suite.held_out):
-        try:
-            create_task_family(entry.family, **entry.overrides)
-        except (KeyError, ValueError, TypeError) as err:
-            raise ConfigError(f"{path}: {err.args[0] if err.args else err}") from None
-    return suite
+    return build_config(SuiteConfig, data, str(path))
 
 
 def to_plain(config: Any) -> Any:
@@ -429,8 +420,9 @@ def _method_entries(value: Any, where: str) -> list[dict[str, Any]]:
     return entries
 
 
-def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
-    """Read an evaluation suite; every method it names must be registered and take its options."""
+def read_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+    """An evaluation suite as data, its protocol settings checked (its method and task-suite names are
+    checked by :func:`metalr.evaluation.load_eval_suite`)."""
     data = _merge(read_yaml(path), parse_overrides(overrides or []))
     if "methods" in data:
         data["methods"] = _method_entries(data["methods"], f"{path}: methods")
@@ -438,13 +430,6 @@ def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> Ev
     if config.split not in ("held_out", "meta_valid", "meta_train"):
         raise ConfigError(f"{path}: split must be held_out, meta_valid or meta_train, got {config.split!r}")
     _check_eval_protocol(config, str(path))
-    from metalr.methods import create_method
-
-    for entry in config.methods:
-        try:
-            create_method(entry.method, **entry.options)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"{path}: {err.args[0]}") from None
     return config
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +22,15 @@ Schedule = Callable[[int], float]
 def _positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+
+
+def half_cosine(progress: float | Tensor) -> Any:
+    """``0.5 * (1 + cos(pi * progress))``: 1 at progress 0, 0 at progress 1 (one SGDR cycle, Loshchilov &
+    Hutter, ICLR 2017). The one cosine formula of metalr: the cosine and one-cycle schedules and the
+    controller's cosine base all call it, for floats and (inside differentiable unrolls) tensors."""
+    if isinstance(progress, Tensor):
+        return 0.5 * (1 + torch.cos(math.pi * progress))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def constant_schedule() -> Schedule:
@@ -35,8 +45,7 @@ def cosine_schedule(total_steps: int, eta_min_ratio: float = 0.0) -> Schedule:
         raise ValueError(f"eta_min_ratio must be in [0, 1], got {eta_min_ratio=}")
 
     def schedule(step: int) -> float:
-        t = min(step, total_steps)
-        return eta_min_ratio + (1 - eta_min_ratio) * 0.5 * (1 + math.cos(math.pi * t / total_steps))
+        return eta_min_ratio + (1 - eta_min_ratio) * half_cosine(min(step, total_steps) / total_steps)
 
     return schedule
 
@@ -84,7 +93,7 @@ def _constant_base(step: Tensor | float, total_steps: Tensor | float) -> Tensor:
 
 def _cosine_base(step: Tensor | float, total_steps: Tensor | float) -> Tensor:
     progress = torch.as_tensor(step, dtype=torch.float64) / torch.as_tensor(total_steps, dtype=torch.float64)
-    value = 0.5 * (1 + torch.cos(math.pi * progress.clamp(0, 1)))
+    value = half_cosine(progress.clamp(0, 1))
     return value.to(step.dtype) if isinstance(step, Tensor) else value.float()
 
 
@@ -95,8 +104,8 @@ BASE_SCHEDULES: dict[str, Callable[[Tensor | float, Tensor | float], Tensor]] = 
 
 
 _ANNEALERS: dict[str, Callable[[float, float, float], float]] = {
-    # torch.optim.lr_scheduler.OneCycleLR._annealing_cos / _annealing_linear, verbatim.
-    "cos": lambda start, end, pct: end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1),
+    # torch.optim.lr_scheduler.OneCycleLR._annealing_cos / _annealing_linear (the same values).
+    "cos": lambda start, end, pct: end + (start - end) * half_cosine(pct),
     "linear": lambda start, end, pct: (end - start) * pct + start,
 }
 

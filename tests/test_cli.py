@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,115 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
         assert method in result.stdout
     assert (out / "evaluation" / "report.md").is_file() and (out / "evaluation" / "results.jsonl").is_file()
     assert (out / "controller" / "final.safetensors").is_file()
+
+
+def _quick_recipe() -> str:
+    return str(ROOT / "meta_train" / "demo-quick.yaml")
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_resume_without_a_run_to_resume_is_an_error(state: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    if state == "empty":
+        out.mkdir()
+    code, _, err = _run(["meta-train", _quick_recipe(), "--out", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--resume: {out} {'does not exist' if state == 'missing' else 'is empty'}, so there is nothing to resume" in err
+    assert (out.exists(), list(out.iterdir()) if out.exists() else []) == (state == "empty", [])
+
+
+def test_overrides_are_accepted_after_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, _, err = _run(["meta-train", _quick_recipe(), "--out", str(out), "meta.meta_steps=2", "--no-progress", "seed=1"], capsys)
+    assert code == 0, err
+    provenance = load_controller(out / "final.safetensors").provenance
+    assert provenance["meta_steps"] == 2 and provenance["seed"] == 1
+    suite = ROOT / "evaluate" / "demo-quick.yaml"
+    code, _, err = _run(["evaluate", str(suite), "seeds=2", "--out", str(tmp_path / "e"), "--workers", "1", "colour=red"], capsys)
+    assert code == 2 and "unknown key colour" in err, "the override after the options must reach the suite"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["meta-train", "r.yaml", "--out", "x", "stray"], ["evaluate", "s.yaml", "--out", "x", "--bogus"], ["methods", "list", "a=1"]],
+)
+def test_other_leftover_arguments_are_still_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and f"unrecognized arguments: {argv[-1]}" in err and len(err.strip().splitlines()) == 1
+
+
+def _interrupt_after(write: Callable[[Path], None]) -> Callable[..., None]:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        out = next(a for a in (*args, *kwargs.values()) if isinstance(a, Path))
+        write(out)
+        raise KeyboardInterrupt
+
+    return interrupted
+
+
+def test_an_interrupted_meta_train_says_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import metalr.meta.trainer
+
+    out = tmp_path / "my run"
+
+    def started(run_dir: Path) -> None:
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text("name: x\n")
+
+    monkeypatch.setattr(metalr.meta.trainer, "meta_train", _interrupt_after(started))
+    code, _, err = _run(["meta-train", _quick_recipe(), "meta.meta_steps=5", "--out", str(out)], capsys)
+    assert code == 130
+    assert err.strip() == f"metalr: interrupted; continue with: metalr meta-train {_quick_recipe()} meta.meta_steps=5 --out '{out}' --resume"
+
+    monkeypatch.setattr(metalr.meta.trainer, "meta_train", _interrupt_after(lambda run_dir: None))
+    code, _, err = _run(["meta-train", _quick_recipe(), "--out", str(tmp_path / "other")], capsys)
+    assert code == 130 and err.strip() == "metalr: interrupted", "nothing to resume yet: no resume hint"
+
+
+def test_an_interrupted_demo_says_how_to_resume_and_a_failed_one_leaves_no_empty_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metalr.demo
+    from metalr.config import ConfigError
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(metalr.demo, "run_demo", _interrupt_after(lambda d: (d / "controller").mkdir()))
+    code, _, err = _run(["demo", "--quick", "--out", str(out)], capsys)
+    assert code == 130 and err.strip() == f"metalr: interrupted; continue with: metalr demo --quick --out {out} --resume"
+    assert (out / "controller").is_dir(), "work done before the interrupt is kept for --resume"
+
+    def fails(*args: object, **kwargs: object) -> str:
+        raise ConfigError("something the user got wrong")
+
+    monkeypatch.setattr(metalr.demo, "run_demo", fails)
+    code, _, err = _run(["demo", "--quick", "--out", str(tmp_path / "fresh")], capsys)
+    assert code == 2 and "something the user got wrong" in err
+    assert not (tmp_path / "fresh").exists(), "a failed demo left its (empty) --out folder behind"
+    code, _, err = _run(["demo", "--workers", "-1", "--out", str(tmp_path / "fresh")], capsys)
+    assert code == 2 and "--workers must be a positive integer" in err and not (tmp_path / "fresh").exists()
+
+
+def test_demo_help_states_the_measured_durations(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["demo", "--help"], capsys)
+    assert code == 0 and "about 45 s on 2 cores instead of 3-6 minutes" in " ".join(out.split())
+
+
+def test_the_demo_says_where_the_plots_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import metalr.demo
+    import metalr.evaluation
+    import metalr.meta.trainer
+    from metalr.evaluation.report import FIGURES
+
+    monkeypatch.setattr(metalr.meta.trainer, "meta_train", lambda *args, **kwargs: None)
+    monkeypatch.setattr(metalr.evaluation, "evaluate_suite", lambda *args, **kwargs: "SUMMARY")
+    text = metalr.demo.run_demo(tmp_path, quick=True, progress=False)
+    assert f"plots in {tmp_path / 'evaluation' / FIGURES})" in text  # where render_report draws them
+
+
+@pytest.mark.parametrize("command", ["meta-train", "evaluate"])
+def test_an_empty_recipe_or_suite_file_is_one_line(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    code, _, err = _run([command, str(empty), "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2 and err.strip() == f"metalr: error: {empty}: the file is empty; expected a YAML mapping of settings"
+    assert not (tmp_path / "run").exists()

@@ -7,14 +7,18 @@ from pathlib import Path
 import pytest
 
 from metalr.config import (
+    DEFAULT_FEATURE_GROUPS,
     ConfigError,
     MetaTrainConfig,
     dump_config,
     load_config,
-    load_suite,
     parse_overrides,
+    read_eval_config,
     read_yaml,
 )
+from metalr.features import DEFAULT_GROUPS
+from metalr.meta.recipe import load_recipe
+from metalr.tasks import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +32,7 @@ def test_every_recipe_starts_with_the_command_that_runs_it() -> None:
     for recipe in sorted((ROOT / "meta_train").glob("*.yaml")):
         first = recipe.read_text().splitlines()[0]
         assert first.startswith("# metalr meta-train meta_train/" + recipe.name), recipe
-        load_config(MetaTrainConfig, recipe)
+        load_recipe(recipe)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +51,7 @@ def test_every_recipe_starts_with_the_command_that_runs_it() -> None:
 )
 def test_bad_values_are_rejected_naming_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(MetaTrainConfig, ROOT / "meta_train" / "demo.yaml", overrides)
+        load_recipe(ROOT / "meta_train" / "demo.yaml", overrides)
 
 
 def test_ints_are_accepted_for_floats() -> None:
@@ -91,3 +95,58 @@ def test_suites_name_registered_families(tmp_path: Path) -> None:
     bad.write_text("name: bad\nmeta_train: [{family: digits_mlp, colour: red}]\n")
     with pytest.raises(ConfigError, match="does not take \\['colour'\\]"):
         load_suite(str(bad))
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_an_empty_file_is_rejected_not_read_as_all_defaults(tmp_path: Path, text: str) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty; expected a YAML mapping"):
+        load_config(MetaTrainConfig, empty)
+    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty; expected a YAML mapping"):
+        read_eval_config(empty)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "/abs", "..", ".hidden", "", "a\\b", "tab name"])
+def test_a_run_name_must_be_a_plain_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"name must be a plain name .*got"):
+        load_config(MetaTrainConfig, ROOT / "meta_train" / "demo.yaml", [f"name={name!r}" if name else "name="])
+
+
+def test_plain_run_names_are_accepted() -> None:
+    for name in ("demo", "adam-cpu", "run_2.b"):
+        assert load_config(MetaTrainConfig, None, [f"name={name}"]).name == name
+
+
+def test_the_recipe_table_names_each_recipes_estimator() -> None:
+    rows = [line.split("|") for line in (ROOT / "meta_train" / "README.md").read_text().splitlines() if line.startswith("| `")]
+    listed = {name.strip(" `"): cells[2].strip() for cells in rows for name in cells[1].split(",")}
+    assert set(listed) == {p.name for p in (ROOT / "meta_train").glob("*.yaml")}
+    for name, estimator in listed.items():
+        assert load_config(MetaTrainConfig, ROOT / "meta_train" / name).meta.estimator == estimator, name
+
+
+def test_the_default_feature_groups_are_the_feature_modules_defaults() -> None:
+    # config.py spells them out (it imports no subsystem); they must stay what metalr.features uses.
+    assert DEFAULT_FEATURE_GROUPS == DEFAULT_GROUPS == MetaTrainConfig().controller.features
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["meta.estimator=reinforce"], r"demo.yaml: meta: unknown estimator 'reinforce'; expected one of \['es', 'full', 'pes', 'tbptt'\]"),
+        (["meta.truncation=bogus"], r"demo.yaml: meta: unknown truncation 'bogus'; expected one of \['constant', 'curriculum', 'log_uniform'\]"),
+        (["meta.backend=jax"], r"demo.yaml: meta: unknown backend 'jax'; expected one of \['higher', 'native'\]"),
+        (["controller.features=[telepathy]"], r"demo.yaml: controller: unknown feature group\(s\) \['telepathy'\]"),
+        (["controller.kind=transformer"], r"demo.yaml: controller: unknown controller kind 'transformer'"),
+        (["controller.kind=lstm"], r"demo.yaml: controller: the lstm controller takes one hidden size"),
+        (["suite=nowhere"], r"task suite 'nowhere' is neither a file nor one of"),
+        (["train_overrides={colour: red}"], r"train_overrides: task family .* does not take \['colour'\]"),
+    ],
+)
+def test_names_are_checked_by_their_owners_when_the_recipe_loads(overrides: list[str], message: str) -> None:
+    recipe = ROOT / "meta_train" / "demo.yaml"
+    config = load_config(MetaTrainConfig, recipe, overrides)  # as data, the recipe is fine ...
+    assert isinstance(config, MetaTrainConfig)
+    with pytest.raises(ConfigError, match=message):  # ... its names are not
+        load_recipe(recipe, overrides)

@@ -142,3 +142,16 @@ def test_onecycle_holds_after_budget_and_survives_zero_length_phase() -> None:
 def test_onecycle_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         onecycle_schedule(**kwargs)
+
+
+def test_the_cosine_formula_is_written_once() -> None:
+    """The cosine and one-cycle schedules and the controller's cosine base share metalr.schedules.half_cosine."""
+    import ast
+    import inspect
+
+    import metalr.schedules as schedules
+
+    calls = [n for n in ast.walk(ast.parse(inspect.getsource(schedules))) if isinstance(n, ast.Attribute) and n.attr == "cos"]
+    assert len(calls) == 2, "math.cos / torch.cos only inside half_cosine (one float and one tensor branch)"
+    assert schedules.half_cosine(0.0) == 1.0 and schedules.half_cosine(1.0) == 0.0
+    assert float(schedules.BASE_SCHEDULES["cosine"](torch.tensor(3.0), torch.tensor(12.0))) == pytest.approx(schedules.half_cosine(0.25))

@@ -5,12 +5,11 @@
 
 Example:
     >>> from pathlib import Path
-    >>> from metalr.config import load_eval_config
-    >>> summary = evaluate_suite(load_eval_config("evaluate/demo-quick.yaml"), "runs/demo/final.safetensors",
+    >>> summary = evaluate_suite(load_eval_suite("evaluate/demo-quick.yaml"), "runs/demo/final.safetensors",
     ...                          out_dir=Path("runs/eval"), workers=2)
 """
 
 from metalr.evaluation.report import render_report
-from metalr.evaluation.suite import evaluate_suite
+from metalr.evaluation.suite import evaluate_suite, load_eval_suite
 
-__all__ = ["evaluate_suite", "render_report"]
+__all__ = ["evaluate_suite", "load_eval_suite", "render_report"]

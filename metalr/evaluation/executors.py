@@ -24,12 +24,20 @@ import torch
 
 from metalr.config import ConfigError
 from metalr.evaluation.harness import Cell, cached_controller, run_cell
+from metalr.evaluation.records import RunRecord
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class Executor(Protocol):
     """Runs cells and yields their records in completion order."""
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]: ...
+    def run(self, cells: Sequence[Cell]) -> Iterator[RunRecord]: ...
 
     def close(self) -> None: ...
 
@@ -70,7 +78,7 @@ def _exit_with_parent(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _run_in_worker(cell: Cell) -> dict[str, Any]:
+def _run_in_worker(cell: Cell) -> RunRecord:
     return run_cell(cell, cached_controller(_WORKER_CONTROLLER))
 
 
@@ -80,7 +88,7 @@ class InlineExecutor:
     def __init__(self, controller_path: str | None) -> None:
         self.controller_path = controller_path
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+    def run(self, cells: Sequence[Cell]) -> Iterator[RunRecord]:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the same single-threaded numerics as a pool worker
         try:
@@ -108,7 +116,7 @@ class ProcessExecutor:
         self.controller_path = controller_path
         self._pool: ProcessPoolExecutor | None = None
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+    def run(self, cells: Sequence[Cell]) -> Iterator[RunRecord]:
         if not cells:
             return
         if self._pool is None:
@@ -118,7 +126,7 @@ class ProcessExecutor:
                 initializer=_init_worker,
                 initargs=(self.controller_path,),
             )
-        futures: dict[Future[dict[str, Any]], Cell] = {self._pool.submit(_run_in_worker, c): c for c in cells}
+        futures: dict[Future[RunRecord], Cell] = {self._pool.submit(_run_in_worker, c): c for c in cells}
         try:
             pending = set(futures)
             while pending:
@@ -161,7 +169,7 @@ def _controller_from_bytes(blob: bytes | None) -> Any:
     return _RAY_CONTROLLERS[digest]
 
 
-def _ray_run_cell(cell: Cell, blob: bytes | None) -> dict[str, Any]:
+def _ray_run_cell(cell: Cell, blob: bytes | None) -> RunRecord:
     torch.set_num_threads(1)
     return run_cell(cell, _controller_from_bytes(blob))
 
@@ -188,7 +196,7 @@ class RayExecutor:
         self._blob = ray.put(Path(controller_path).read_bytes() if controller_path else None)
         self._remote = ray.remote(num_cpus=1)(_ray_run_cell)
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+    def run(self, cells: Sequence[Cell]) -> Iterator[RunRecord]:
         ray = self._ray
         refs = {self._remote.remote(cell, self._blob): cell for cell in cells}
         try:

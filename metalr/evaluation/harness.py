@@ -18,7 +18,6 @@ Which cells exist is the protocol of issue 7 (after AlgoPerf's external-tuning r
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -34,13 +33,10 @@ import torch
 
 from metalr.checkpoint import load_controller
 from metalr.config import EvalConfig, MethodEntry
+from metalr.evaluation.records import RunRecord
 from metalr.methods import MethodContext, create_method
 from metalr.tasks import TaskSpec, build_task
 
-RECORD_VERSION = 1
-# Fields that measure the machine rather than the training run: they differ between two executions of the
-# same cell (process pool vs Ray, one machine vs another) and are ignored when records are compared.
-TIMING_FIELDS = ("seconds", "train_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb", "worker")
 LR_SOURCES = ("default", "grid", "transfer")
 
 
@@ -91,7 +87,7 @@ class Cell:
         return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
     def describe(self) -> dict[str, Any]:
-        """The cell's identity as record fields."""
+        """The cell's identity as :class:`RunRecord` fields."""
         return {
             "key": self.key,
             "task": self.spec.to_dict(),
@@ -231,22 +227,35 @@ def cached_controller(path: str | None) -> Any:
     return _CONTROLLERS[path]
 
 
-def _reset_peak_memory(device: str) -> None:
-    # Writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM) so the peak is per run, not per
-    # worker lifetime; where that is not allowed the number is the worker's peak so far.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB; NaN where there is no procfs."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def _reset_peak_memory(device: str) -> bool:
+    """Reset the peak counters so they measure this run alone; False where the kernel does not allow it.
+
+    Writing 5 to ``clear_refs`` resets the kernel's peak-RSS counter (VmHWM) to the current RSS.
+    """
     if device == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _peak_memory(device: str) -> tuple[float, float]:
-    rss_mb = math.nan
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss_mb = int(line.split()[1]) / 1024
-    except OSError:
+    """``(peak RSS of this worker process, peak CUDA memory allocated)`` in MB since the last reset."""
+    rss_mb = _status_mb("VmHWM")
+    if math.isnan(rss_mb):
         import resource
 
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -254,6 +263,17 @@ def _peak_memory(device: str) -> tuple[float, float]:
         torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" and torch.cuda.is_available() else 0.0
     )
     return rss_mb, cuda_mb
+
+
+def _optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of the tensors in the optimizer's state (moments, averaged iterates, ...), each storage once."""
+    storages = {
+        value.untyped_storage().data_ptr(): value.untyped_storage().nbytes()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    }
+    return sum(storages.values()) / 2**20
 
 
 def _short(value: float) -> float:
@@ -269,7 +289,7 @@ def _evaluate(task: Any, run: Any, split: str) -> dict[str, float]:
     return {name: _short(value) for name, value in metrics.items()}
 
 
-def run_cell(cell: Cell, controller: Any = None) -> dict[str, Any]:
+def run_cell(cell: Cell, controller: Any = None) -> RunRecord:
     """Train one cell with the task's real ``torch.optim`` optimizer and the method's scheduler.
 
     Args:
@@ -281,13 +301,16 @@ def run_cell(cell: Cell, controller: Any = None) -> dict[str, Any]:
         final ``inner_valid`` (tuning) and ``test`` (reporting) metrics, divergence, time and peak memory.
     """
     started = time.perf_counter()
-    _reset_peak_memory(cell.device)
     torch.manual_seed(cell.seed)
     task = build_task(cell.spec.replace(steps=cell.steps), cell.device)
     method = create_method(cell.entry.method, **cell.entry.options)
     run = method.build(
         task.model.parameters(), MethodContext(task, cell.spec.optimizer, cell.lr, cell.steps, controller)
     )
+    # Memory is measured from here: loading the dataset (cached per worker, so only a worker's first run
+    # pays it) is not the method's cost; the training loop's activations, gradients and state are.
+    peak_is_per_run = _reset_peak_memory(cell.device)
+    rss_at_start = _status_mb("VmRSS")
     task.model.train()
     batches = task.batches("train", seed_offset=cell.seed)
 
@@ -339,23 +362,27 @@ def run_cell(cell: Cell, controller: Any = None) -> dict[str, Any]:
         final_valid = {"loss": math.inf}
         final_test = {"loss": math.inf}
     rss_mb, cuda_mb = _peak_memory(cell.device)
-    return {
+    rss_growth_mb = rss_mb - rss_at_start if peak_is_per_run else math.nan
+    return RunRecord(
         **cell.describe(),
-        "version": RECORD_VERSION,
-        "train_loss": train_loss,
-        "lr_trace": lr_trace,
-        "valid": valid,
-        "initial_valid_loss": initial["loss"],
-        "final_valid": final_valid,
-        "final_test": final_test,
-        "steps_done": len(train_loss),
-        "nonfinite_step": nonfinite_step,
-        # Divergence also covers "final loss above initial" (metrics.diverged), a protocol setting.
-        "nonfinite": nonfinite_step is not None or not math.isfinite(final_valid["loss"]),
-        "seconds": round(time.perf_counter() - started, 4),
-        "train_seconds": round(train_seconds, 4),
-        "eval_seconds": round(eval_seconds, 4),
-        "peak_rss_mb": round(rss_mb, 1),
-        "peak_cuda_mb": round(cuda_mb, 1),
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-    }
+        train_loss=train_loss,
+        lr_trace=lr_trace,
+        valid=valid,
+        initial_valid_loss=initial["loss"],
+        final_valid=final_valid,
+        final_test=final_test,
+        steps_done=len(train_loss),
+        nonfinite_step=nonfinite_step,
+        # Divergence also covers "final loss above initial" (metrics.is_diverged), a protocol setting.
+        nonfinite=nonfinite_step is not None or not math.isfinite(final_valid["loss"]),
+        seconds=round(time.perf_counter() - started, 4),
+        train_seconds=round(train_seconds, 4),
+        eval_seconds=round(eval_seconds, 4),
+        # The worker's peak RSS (its imports and cached datasets included: the same for every method) ...
+        peak_rss_mb=round(rss_mb, 1),
+        # ... and what this run added to it at its peak, and the optimizer state it ended with.
+        rss_growth_mb=round(rss_growth_mb, 3),
+        optimizer_state_mb=round(_optimizer_state_mb(run.optimizer), 4),
+        peak_cuda_mb=round(cuda_mb, 1),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )

@@ -23,12 +23,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from metalr.config import EvalConfig
+from metalr.evaluation.records import ReportProtocol, RunRecord
 from metalr.evaluation.statistics import (
     PairedComparison,
     compare_paired,
@@ -37,37 +36,19 @@ from metalr.evaluation.statistics import (
     lower_median,
 )
 
-Record = dict[str, Any]
+Record = RunRecord  # the analysis reads typed records (metalr.evaluation.records)
 RunKey = tuple[str, str, float]  # (task key, method label, horizon)
-_DEFAULTS = EvalConfig()
 
 
 @dataclass(frozen=True)
-class ReportProtocol:
-    """The protocol settings a report needs, stored in every record (see ``EvalConfig`` for meanings)."""
+class Resources:
+    """What a method cost, medians over its reported runs (NaN where not measured, e.g. version-1 records)."""
 
-    name: str = _DEFAULTS.name
-    suite: str = _DEFAULTS.suite
-    split: str = _DEFAULTS.split
-    methods: tuple[str, ...] = ()
-    reference: str = _DEFAULTS.reference
-    target: str = _DEFAULTS.target
-    tune: bool = _DEFAULTS.tune
-    seeds: int = 0
-    lr_grid_points: int = 0
-    horizon_scales: tuple[float, ...] = ()
-    profile_max_ratio: float = _DEFAULTS.profile_max_ratio
-    confidence: float = _DEFAULTS.confidence
-    bootstrap_samples: int = _DEFAULTS.bootstrap_samples
-    divergence_ratio: float = _DEFAULTS.divergence_ratio
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ReportProtocol:
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known
-        }
-        return cls(**values)
+    seconds_per_1k_steps: float  # training seconds per 1000 steps
+    optimizer_state_mb: float  # tensor bytes of the optimizer state at the end of a run
+    rss_growth_mb: float  # peak RSS during a run's training loop minus RSS at its start
+    peak_rss_mb: float  # the worker's peak RSS (imports and cached datasets included)
+    peak_cuda_mb: float  # the largest peak CUDA memory of any reported run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,12 +56,12 @@ class ReportProtocol:
 
 
 def final_valid_loss(record: Record) -> float:
-    value = float(record["final_valid"].get("loss", math.inf))
+    value = float(record.final_valid.get("loss", math.inf))
     return value if math.isfinite(value) else math.inf
 
 
 def final_test(record: Record, metric: str = "loss") -> float:
-    value = record["final_test"].get(metric)
+    value = record.final_test.get(metric)
     if value is None:
         return math.nan
     value = float(value)
@@ -89,7 +70,7 @@ def final_test(record: Record, metric: str = "loss") -> float:
 
 def is_diverged(record: Record, ratio: float = 1.0) -> bool:
     """Non-finite loss, or final validation loss above ``ratio`` x the initial one (issue 7's definition)."""
-    return bool(record["nonfinite"]) or final_valid_loss(record) > ratio * float(record["initial_valid_loss"])
+    return record.nonfinite or final_valid_loss(record) > ratio * record.initial_valid_loss
 
 
 def time_to_target(record: Record, target: float) -> tuple[float, float]:
@@ -100,7 +81,7 @@ def time_to_target(record: Record, target: float) -> tuple[float, float]:
     """
     if not math.isfinite(target):
         return math.inf, math.inf
-    for point in record["valid"]:
+    for point in record.valid:
         loss = point.get("loss")
         if point["step"] <= 0:
             continue
@@ -111,7 +92,7 @@ def time_to_target(record: Record, target: float) -> tuple[float, float]:
 
 def lr_roughness(record: Record) -> float:
     """Mean |change of ln LR| per step: 0 for a constant LR, small for smooth decay, large for jitter."""
-    trace = np.asarray(record["lr_trace"], dtype=float)
+    trace = np.asarray(record.lr_trace, dtype=float)
     trace = trace[np.isfinite(trace) & (trace > 0)]
     return float(np.abs(np.diff(np.log(trace))).mean()) if trace.size > 1 else 0.0
 
@@ -120,7 +101,7 @@ def select_lr(grid_runs: Iterable[Record]) -> float | None:
     """The grid LR with the lowest median final ``inner_valid`` loss over seeds (ties: the lower LR)."""
     by_lr: dict[float, list[float]] = defaultdict(list)
     for record in grid_runs:
-        by_lr[float(record["lr"])].append(final_valid_loss(record))
+        by_lr[record.lr].append(final_valid_loss(record))
     if not by_lr:
         return None
     return min(sorted(by_lr), key=lambda lr: finite_median(by_lr[lr]))
@@ -172,10 +153,8 @@ def algoperf_score(ratios: dict[str, float], max_ratio: float = 4.0) -> float:
 
 
 def latest_protocol(records: Sequence[Record]) -> ReportProtocol:
-    for record in reversed(records):
-        if "protocol" in record:
-            return ReportProtocol.from_dict(record["protocol"])
-    return ReportProtocol()
+    """The protocol of the most recently written record (a suite may have changed between re-runs)."""
+    return records[-1].protocol if records else ReportProtocol()
 
 
 @dataclass
@@ -202,20 +181,20 @@ class Analysis:
 
     def __post_init__(self) -> None:
         self.protocol = latest_protocol(self.records)
-        seen = [r["method"] for r in self.records]
+        seen = [r.method for r in self.records]
         self.methods = [m for m in self.protocol.methods if m in seen] + sorted(
             set(seen) - set(self.protocol.methods)
         )
-        self.tuned = {r["method"]: bool(r["tuned"]) for r in self.records}
-        self.tasks = list(dict.fromkeys(r["task_key"] for r in self.records))
-        self.task_labels = _unique_labels({r["task_key"]: r["task_label"] for r in self.records}, self.tasks)
-        self.horizons = sorted({float(r["horizon"]) for r in self.records}, key=lambda h: (h != 1.0, h))
+        self.tuned = {r.method: r.tuned for r in self.records}
+        self.tasks = list(dict.fromkeys(r.task_key for r in self.records))
+        self.task_labels = _unique_labels({r.task_key: r.task_label for r in self.records}, self.tasks)
+        self.horizons = sorted({r.horizon for r in self.records}, key=lambda h: (h != 1.0, h))
         self._runs: dict[tuple[str, str, float, str], list[Record]] = defaultdict(list)
         for record in self.records:
-            index = (record["task_key"], record["method"], float(record["horizon"]), record["lr_source"])
+            index = (record.task_key, record.method, record.horizon, record.lr_source)
             self._runs[index].append(record)
         for runs in self._runs.values():
-            runs.sort(key=lambda r: (float(r["lr"]), int(r["seed"])))
+            runs.sort(key=lambda r: (r.lr, r.seed))
         self._reported: dict[RunKey, tuple[list[Record], float | None]] = {}
         self._targets: dict[tuple[str, float], float] = {}
         self._times: dict[str, tuple[float, float]] = {}
@@ -249,13 +228,13 @@ class Analysis:
                 lr = select_lr(self.grid_runs(task, method, horizon))
                 if lr is not None:
                     chosen = (
-                        _one_per_seed([r for r in self.grid_runs(task, method, horizon) if r["lr"] == lr]),
+                        _one_per_seed([r for r in self.grid_runs(task, method, horizon) if r.lr == lr]),
                         lr,
                     )
                 elif horizon != 1.0:
                     # Other horizons reuse the LR tuned at 1x; runs at any other LR are from an older suite.
                     lr = select_lr(self.grid_runs(task, method))
-                    transfer = [r for r in self.runs(task, method, horizon, "transfer") if r["lr"] == lr]
+                    transfer = [r for r in self.runs(task, method, horizon, "transfer") if r.lr == lr]
                     if transfer:
                         chosen = (_one_per_seed(transfer), lr)
             self._reported[index] = chosen
@@ -292,11 +271,9 @@ class Analysis:
         return self._targets[index]
 
     def run_time_to_target(self, record: Record) -> tuple[float, float]:
-        key = record["key"]
+        key = record.key
         if key not in self._times:
-            self._times[key] = time_to_target(
-                record, self.target(record["task_key"], float(record["horizon"]))
-            )
+            self._times[key] = time_to_target(record, self.target(record.task_key, record.horizon))
         return self._times[key]
 
     def median_time_to_target(self, runs: Sequence[Record]) -> tuple[float, float]:
@@ -367,11 +344,11 @@ class Analysis:
         self, task: str, method: str, baseline: str, horizon: float = 1.0
     ) -> tuple[list[float], list[float]]:
         """Final test losses of two methods' reported runs on one task, paired by seed."""
-        baseline_by_seed = {int(r["seed"]): r for r in self.reported_runs(task, baseline, horizon)}
+        baseline_by_seed = {r.seed: r for r in self.reported_runs(task, baseline, horizon)}
         ours: list[float] = []
         theirs: list[float] = []
         for record in self.reported_runs(task, method, horizon):
-            other = baseline_by_seed.get(int(record["seed"]))
+            other = baseline_by_seed.get(record.seed)
             if other is not None:
                 ours.append(final_test(record))
                 theirs.append(final_test(other))
@@ -405,7 +382,7 @@ class Analysis:
         """``(initial LR, median final inner_valid loss over seeds)`` over the grid (sorted by LR)."""
         by_lr: dict[float, list[float]] = defaultdict(list)
         for record in self.grid_runs(task, method):
-            by_lr[float(record["lr"])].append(final_valid_loss(record))
+            by_lr[record.lr].append(final_valid_loss(record))
         return [(lr, finite_median(losses)) for lr, losses in sorted(by_lr.items())]
 
     def sensitivity_spread(self, method: str) -> float:
@@ -433,7 +410,7 @@ class Analysis:
         for task in self.tasks:
             runs = self.reported_runs(task, method)
             roughness += [lr_roughness(r) for r in runs]
-            traces = [np.asarray(r["lr_trace"], dtype=float) for r in runs]
+            traces = [np.asarray(r.lr_trace, dtype=float) for r in runs]
             length = min((len(t) for t in traces), default=0)
             if len(traces) > 1 and length:
                 stacked = np.stack([t[:length] for t in traces])
@@ -443,15 +420,22 @@ class Analysis:
             spread
         ) if spread else math.nan
 
-    def resources(self, method: str) -> dict[str, float]:
-        """Median training seconds per 1000 steps, median peak RSS (MB) and peak CUDA memory (MB)."""
+    def resources(self, method: str) -> Resources:
+        """What the method cost over its reported runs (see :class:`Resources`)."""
         runs = [r for t in self.tasks for r in self.reported_runs(t, method)]
-        per_k = [1000 * r["train_seconds"] / r["steps_done"] for r in runs if r["steps_done"]]
-        return {
-            "seconds_per_1k_steps": float(np.median(per_k)) if per_k else math.nan,
-            "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in runs])) if runs else math.nan,
-            "peak_cuda_mb": float(np.max([r["peak_cuda_mb"] for r in runs])) if runs else math.nan,
-        }
+        per_k = [1000 * r.train_seconds / r.steps_done for r in runs if r.steps_done]
+
+        def median(values: list[float]) -> float:
+            finite = [v for v in values if math.isfinite(v)]
+            return float(np.median(finite)) if finite else math.nan
+
+        return Resources(
+            seconds_per_1k_steps=median(per_k),
+            optimizer_state_mb=median([r.optimizer_state_mb for r in runs]),
+            rss_growth_mb=median([r.rss_growth_mb for r in runs]),
+            peak_rss_mb=median([r.peak_rss_mb for r in runs]),
+            peak_cuda_mb=max((r.peak_cuda_mb for r in runs), default=math.nan),
+        )
 
     def horizon_loss_ratio(self, method: str, horizon: float) -> float:
         """Geometric mean over tasks of (method's median final valid loss / the reference's) at ``horizon``."""
@@ -466,12 +450,12 @@ class Analysis:
         return geometric_mean(ratios)
 
     def runs_of(self, method: str) -> int:
-        return sum(1 for r in self.records if r["method"] == method)
+        return sum(1 for r in self.records if r.method == method)
 
 
 def _one_per_seed(runs: Sequence[Record]) -> list[Record]:
     """One run per seed, the most recently written (runs of an older suite version may share a directory)."""
-    return sorted({int(r["seed"]): r for r in runs}.values(), key=lambda r: int(r["seed"]))
+    return sorted({r.seed: r for r in runs}.values(), key=lambda r: r.seed)
 
 
 def _unique_labels(labels: dict[str, str], order: Sequence[str]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Report figures (matplotlib, Agg backend: no display needed). Each function writes one PNG and returns it.
 
-A method keeps one colour in every figure (its position in the suite), so figures can be read side by side.
+A method keeps one style in every figure (from its position in the suite), so figures can be read side by
+side: :func:`method_styles` gives each method its own (colour, marker, line style), for any number of methods.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,15 +30,45 @@ def _pyplot() -> Any:
     return plt
 
 
-def _colors(methods: Sequence[str]) -> dict[str, Any]:
-    plt = _pyplot()
-    palette = plt.get_cmap("tab10").colors
-    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+# matplotlib's tab10 colours (hex, so no matplotlib import is needed to pick them) and ten filled markers.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.")
 
 
-def _linestyles(methods: Sequence[str]) -> dict[str, str]:
-    # Past ten methods the colours repeat; the line style tells the two methods of one colour apart.
-    return {m: ("-", "--", ":")[min(i // 10, 2)] for i, m in enumerate(methods)}
+class Style(NamedTuple):
+    """How one method is drawn."""
+
+    color: str
+    marker: str
+    linestyle: Any  # a matplotlib line style: a name or an (offset, dash pattern) pair
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, Style]:
+    """A distinct style per method: method ``i`` gets colour ``i mod 10`` and, per block of ten methods
+    (``i div 10``), its own marker and line style, so no two methods share a colour with a marker or a
+    line style. Past the four named line styles, each block gets a dash pattern of its own."""
+    styles = {}
+    for i, method in enumerate(methods):
+        block, position = divmod(i, len(PALETTE))
+        linestyle = LINESTYLES[block] if block < len(LINESTYLES) else (0, (block, 2))
+        styles[method] = Style(PALETTE[position], MARKERS[block % len(MARKERS)], linestyle)
+    return styles
+
+
+def _colors(methods: Sequence[str]) -> dict[str, str]:
+    return {method: style.color for method, style in method_styles(methods).items()}
+
+
+def _line(style: Style, points: int = 0) -> dict[str, Any]:
+    """Keyword arguments drawing a line in ``style``; a line of ``points`` points gets about 8 markers."""
+    return {
+        "color": style.color,
+        "marker": style.marker,
+        "ls": style.linestyle,
+        "ms": 4,
+        "markevery": max(1, points // 8) if points else None,
+    }
 
 
 def _legend_outside(fig: Any, axes: Sequence[Any]) -> None:
@@ -73,7 +104,7 @@ def _save(fig: Any, path: Path) -> Path:
 def performance_profile_plot(analysis: Analysis, path: Path, horizon: float = 1.0) -> Path:
     """rho(tau) per method over [1, r_max] (AlgoPerf's performance profile), score in the legend."""
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
     max_ratio = analysis.protocol.profile_max_ratio
     taus = np.linspace(1.0, max_ratio, 301)
     scores = analysis.scores(horizon)
@@ -84,8 +115,7 @@ def performance_profile_plot(analysis: Analysis, path: Path, horizon: float = 1.
             taus,
             rho,
             where="post",
-            color=colors[method],
-            ls=styles[method],
+            **_line(styles[method], len(taus)),
             label=f"{method} (score {scores[method]:.3f})",
         )
     ax.set_xlim(1.0, max_ratio)
@@ -104,7 +134,8 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
     if not tasks:
         return None
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
+    colors = _colors(analysis.methods)
     rows, cols = _grid(len(tasks))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     ratio = analysis.protocol.divergence_ratio
@@ -119,10 +150,8 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
             losses = np.array([loss for _, loss in curve])
             ok = np.isfinite(losses)
             positive &= bool((losses[ok] > 0).all())
-            ax.plot(
-                lrs[ok], losses[ok], marker="o", ms=3, color=colors[method], ls=styles[method], label=method
-            )
-            diverged = {float(r["lr"]) for r in analysis.grid_runs(task, method) if is_diverged(r, ratio)}
+            ax.plot(lrs[ok], losses[ok], **_line(styles[method]), label=method)
+            diverged = {r.lr for r in analysis.grid_runs(task, method) if is_diverged(r, ratio)}
             for lr, loss in curve:
                 if lr in diverged and math.isfinite(loss):
                     ax.scatter([lr], [loss], marker="x", color=colors[method], s=30, zorder=3)
@@ -151,16 +180,17 @@ def sensitivity_plot(analysis: Analysis, path: Path) -> Path | None:
 def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: float = 1.0) -> Path:
     """Validation loss (median and range over seeds) with the LR trace under it, for one task."""
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
+    colors = _colors(analysis.methods)
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7.0, 5.6), sharex=True, height_ratios=(3, 2))
     positive = True
     for method in analysis.methods:
         runs = analysis.reported_runs(task, method, horizon)
         if not runs:
             continue
-        length = min(len(r["valid"]) for r in runs)
-        steps = np.array([p["step"] for p in runs[0]["valid"][:length]], dtype=float)
-        losses = np.array([[p["loss"] for p in r["valid"][:length]] for r in runs], dtype=float)
+        length = min(len(r.valid) for r in runs)
+        steps = np.array([p["step"] for p in runs[0].valid[:length]], dtype=float)
+        losses = np.array([[p["loss"] for p in r.valid[:length]] for r in runs], dtype=float)
         losses = np.where(np.isfinite(losses), losses, np.nan)
         positive &= bool(np.nanmin(losses, initial=1.0) > 0)
         with np.errstate(all="ignore"), _quiet():
@@ -168,16 +198,15 @@ def learning_curves_plot(analysis: Analysis, task: str, path: Path, horizon: flo
             ax_loss.fill_between(
                 steps, np.nanmin(losses, 0), np.nanmax(losses, 0), color=colors[method], alpha=0.15
             )
-        ax_loss.plot(steps, median, color=colors[method], ls=styles[method], label=method)
-        trace_len = min(len(r["lr_trace"]) for r in runs)
+        ax_loss.plot(steps, median, **_line(styles[method], len(steps)), label=method)
+        trace_len = min(len(r.lr_trace) for r in runs)
         if trace_len:
-            traces = np.array([r["lr_trace"][:trace_len] for r in runs], dtype=float)
+            traces = np.array([r.lr_trace[:trace_len] for r in runs], dtype=float)
             with _quiet():
                 ax_lr.plot(
                     np.arange(1, trace_len + 1),
                     np.nanmedian(traces, 0),
-                    color=colors[method],
-                    ls=styles[method],
+                    **_line(styles[method], trace_len),
                     lw=1.2,
                 )
     target = analysis.target(task, horizon)
@@ -205,10 +234,10 @@ def lr_stability_plot(analysis: Analysis, path: Path) -> Path:
     for ax, method in zip(axes.flat, analysis.methods, strict=False):
         for task in analysis.tasks:
             for record in analysis.reported_runs(task, method):
-                trace = np.asarray(record["lr_trace"], dtype=float)
+                trace = np.asarray(record.lr_trace, dtype=float)
                 if trace.size == 0 or not trace[0] > 0:
                     continue
-                progress = np.arange(1, trace.size + 1) / record["steps"]
+                progress = np.arange(1, trace.size + 1) / record.steps
                 ax.plot(progress, trace / trace[0], color=colors[method], alpha=0.35, lw=0.8)
         roughness, seed_cv = analysis.lr_stability(method)
         ax.set_title(f"{method}\n|d ln LR|/step {roughness:.2g}, seed CV {seed_cv:.2g}", fontsize=8)
@@ -223,22 +252,26 @@ def lr_stability_plot(analysis: Analysis, path: Path) -> Path:
 
 
 def resources_plot(analysis: Analysis, path: Path) -> Path:
-    """Training seconds per 1000 steps and peak memory per method."""
+    """Per method: training seconds per 1000 steps, optimizer state, and the memory a run added at its peak
+    (CUDA when the runs used a GPU, else RSS growth). Per-run numbers: the worker's baseline is left out."""
     plt = _pyplot()
     colors = _colors(analysis.methods)
     resources = {m: analysis.resources(m) for m in analysis.methods}
-    use_cuda = any(r["peak_cuda_mb"] > 0 for r in resources.values())
+    use_cuda = any(r.peak_cuda_mb > 0 for r in resources.values())
     memory_key, memory_label = (
-        ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("peak_rss_mb", "peak RSS (MB)")
+        ("peak_cuda_mb", "peak CUDA memory (MB)") if use_cuda else ("rss_growth_mb", "peak RSS growth in a run (MB)")
     )
-    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    panels = (
+        ("seconds_per_1k_steps", "training seconds / 1000 steps"),
+        ("optimizer_state_mb", "optimizer state (MB)"),
+        (memory_key, memory_label),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(13.0, 3.4))
     x = np.arange(len(analysis.methods))
     bar_colors = [colors[m] for m in analysis.methods]
-    ax_time.bar(x, [resources[m]["seconds_per_1k_steps"] for m in analysis.methods], color=bar_colors)
-    ax_time.set_ylabel("training seconds / 1000 steps")
-    ax_memory.bar(x, [resources[m][memory_key] for m in analysis.methods], color=bar_colors)
-    ax_memory.set_ylabel(memory_label)
-    for ax in (ax_time, ax_memory):
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.bar(x, [getattr(resources[m], key) for m in analysis.methods], color=bar_colors)
+        ax.set_ylabel(label)
         ax.set_xticks(x, analysis.methods, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Resources (median over the reported runs)", fontsize=10)
@@ -250,12 +283,12 @@ def horizon_plot(analysis: Analysis, path: Path) -> Path | None:
     if len(analysis.horizons) < 2:
         return None
     plt = _pyplot()
-    colors, styles = _colors(analysis.methods), _linestyles(analysis.methods)
+    styles = method_styles(analysis.methods)
     horizons = sorted(analysis.horizons)
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for method in analysis.methods:
         ratios = [analysis.horizon_loss_ratio(method, h) for h in horizons]
-        ax.plot(horizons, ratios, marker="o", color=colors[method], ls=styles[method], label=method)
+        ax.plot(horizons, ratios, **_line(styles[method]), label=method)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xticks(horizons, [f"{h:g}x" for h in horizons])

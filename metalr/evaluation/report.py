@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metalr.evaluation import plots
-from metalr.evaluation.metrics import Analysis, Record, final_test, final_valid_loss, is_diverged
+from metalr.evaluation.metrics import Analysis, final_test, final_valid_loss, is_diverged
+from metalr.evaluation.records import RunRecord
 from metalr.evaluation.statistics import mean_ci
 from metalr.io import atomic_write_text, read_jsonl
 
@@ -53,12 +54,16 @@ Block = Heading | Paragraph | Table | Figure
 # Loading
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """The records of ``results.jsonl``, first one per cell key (a duplicate or torn line changes nothing)."""
-    records: dict[str, Record] = {}
-    for record in read_jsonl(path):
-        if isinstance(record, dict) and "key" in record and "method" in record:
-            records.setdefault(record["key"], record)
+def load_records(path: str | Path) -> list[RunRecord]:
+    """The records of ``results.jsonl``, first one per cell key (a duplicate or torn line changes nothing).
+
+    Raises:
+        RecordError: a record of a version this metalr cannot read (the message names the version).
+    """
+    records: dict[str, RunRecord] = {}
+    for data in read_jsonl(path):
+        if isinstance(data, dict) and "key" in data and data["key"] not in records:
+            records[data["key"]] = RunRecord.from_json(data)
     return list(records.values())
 
 
@@ -189,7 +194,7 @@ def per_task_table(analysis: Analysis) -> Table:
             lr = (
                 f"{fmt(tuned_lr, 3)} (tuned)"
                 if tuned_lr is not None
-                else f"{fmt(float(runs[0]['lr']), 3)} (default)"
+                else f"{fmt(runs[0].lr, 3)} (default)"
             )
             steps, seconds = analysis.median_time_to_target(runs)
             accuracy = [final_test(r, "accuracy") for r in runs]
@@ -274,18 +279,21 @@ def stability_table(analysis: Analysis) -> Table:
 
 
 def resources_table(analysis: Analysis) -> Table:
-    reference = analysis.resources(analysis.protocol.reference)["seconds_per_1k_steps"]
+    """Time and memory per method; the memory columns say what they measure (per run or per worker)."""
+    reference = analysis.resources(analysis.protocol.reference).seconds_per_1k_steps
     rows = []
     for method in analysis.methods:
         resources = analysis.resources(method)
-        overhead = resources["seconds_per_1k_steps"] / reference if reference and reference > 0 else math.nan
+        overhead = resources.seconds_per_1k_steps / reference if reference and reference > 0 else math.nan
         rows.append(
             (
                 method,
-                fmt(resources["seconds_per_1k_steps"], 3),
+                fmt(resources.seconds_per_1k_steps, 3),
                 fmt_ratio(overhead),
-                fmt(resources["peak_rss_mb"], 4),
-                fmt(resources["peak_cuda_mb"], 4),
+                fmt(resources.optimizer_state_mb, 3),
+                fmt(resources.rss_growth_mb, 3),
+                fmt(resources.peak_rss_mb, 4),
+                fmt(resources.peak_cuda_mb, 4),
                 str(analysis.runs_of(method)),
             )
         )
@@ -294,7 +302,9 @@ def resources_table(analysis: Analysis) -> Table:
             "method",
             "training s / 1000 steps",
             f"time vs {analysis.protocol.reference}",
-            "peak RSS MB",
+            "optimizer state MB (per run)",
+            "peak RSS growth MB (per run)",
+            "worker peak RSS MB (incl. imports, data)",
             "peak CUDA MB",
             "runs",
         ),

@@ -3,6 +3,7 @@
 Wired in plain sight::
 
     specs   = held_out_specs(config)                      # fixed by (suite, split, task_seed) before any result
+    prepare_tasks(specs, device)                          # datasets read and cached once, one line per task
     preflight(config, specs, controller)                  # every method builds, or one clear error
     cells   = plan_cells(config, specs)                   # phase 1: default LRs, LR grids, horizons
     run the cells not yet in results.jsonl                # executor: process pool or Ray
@@ -15,23 +16,48 @@ evaluation loses at most the runs in flight, and re-running the same command ski
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from metalr.checkpoint import load_controller, resolve_checkpoint
-from metalr.config import ConfigError, EvalConfig, dump_config, load_suite
-from metalr.evaluation.executors import Executor, create_executor
+from metalr.config import ConfigError, EvalConfig, dump_config, read_eval_config
+from metalr.evaluation.executors import Executor, available_cpus, create_executor
 from metalr.evaluation.harness import Cell, count_transfer_cells, plan_cells, plan_transfer_cells
 from metalr.evaluation.metrics import select_lr
+from metalr.evaluation.records import ReportProtocol
 from metalr.evaluation.report import RESULTS, load_records, render_report
 from metalr.io import append_jsonl
 from metalr.methods import MethodContext, create_method
-from metalr.tasks import TaskSpec, build_task
+from metalr.tasks import TaskSpec, build_task, load_suite
 from metalr.tasks.registry import sample_specs
+
+
+def check_eval_config(config: EvalConfig, where: str = "evaluation suite") -> None:
+    """Raise :class:`ConfigError` when a method or the task suite ``config`` names cannot be built: each
+    name is checked by its registry (methods, task families), before any task is sampled."""
+    for entry in config.methods:
+        try:
+            create_method(entry.method, **entry.options)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"{where}: {err.args[0]}") from None
+    load_suite(config.suite)
+
+
+def load_eval_suite(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+    """An evaluation suite (``evaluate/*.yaml`` plus ``key=value`` overrides), every name in it checked.
+
+    Example:
+        >>> config = load_eval_suite("evaluate/demo-quick.yaml", ["seeds=1"])
+    """
+    config = read_eval_config(path, overrides)
+    check_eval_config(config, str(path))
+    return config
 
 
 def held_out_specs(config: EvalConfig) -> list[TaskSpec]:
@@ -54,24 +80,58 @@ def held_out_specs(config: EvalConfig) -> list[TaskSpec]:
     return specs
 
 
-def protocol_of(config: EvalConfig) -> dict[str, Any]:
-    """The protocol settings stored in every record (what ``metalr report`` needs besides the runs)."""
-    return {
-        "name": config.name,
-        "suite": config.suite,
-        "split": config.split,
-        "methods": [entry.display for entry in config.methods],
-        "reference": config.reference,
-        "target": config.target,
-        "tune": config.tune,
-        "seeds": config.seeds,
-        "lr_grid_points": config.lr_grid_points,
-        "horizon_scales": list(config.horizon_scales),
-        "profile_max_ratio": config.profile_max_ratio,
-        "confidence": config.confidence,
-        "bootstrap_samples": config.bootstrap_samples,
-        "divergence_ratio": config.divergence_ratio,
-    }
+def quiet_libraries() -> None:
+    """Silence the progress bars and info logs of ``datasets`` and ``transformers``, here and in the workers.
+
+    The harness shows its own progress; their bars (``Generating train split``, ``Saving the dataset``)
+    would interleave with it on stderr. An explicit setting of the environment variables is kept.
+    """
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when `datasets` is imported
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "datasets" in sys.modules:  # already imported: the variable above came too late for this process
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Discard what native code writes to file descriptor 1 (the ``tokenizers`` trainer prints blank lines).
+
+    Python's own ``sys.stdout`` is flushed first and nothing of ours is printed meanwhile, so stdout keeps
+    only the report.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def prepare_tasks(specs: Sequence[TaskSpec], device: str, progress: bool = True) -> None:
+    """Build every task once before any run, saying which (stderr): datasets are read, converted and cached
+    and tokenizers trained here, visibly, instead of silently before the progress bar or in every worker."""
+    quiet_libraries()
+    with _native_stdout_silenced():
+        for i, spec in enumerate(specs, 1):
+            if progress:
+                print(f"preparing task {i}/{len(specs)}: {spec.label}", file=sys.stderr, flush=True)
+            build_task(spec, device)
+
+
+def warn_if_oversubscribed(workers: int, local: bool) -> None:
+    """Say so when more local workers than CPUs were asked for: runs share cores and their timings inflate."""
+    cpus = available_cpus()
+    if local and workers > cpus:
+        print(
+            f"metalr: warning: {workers} workers on the {cpus} CPUs this process may use: runs share cores, so "
+            "each is slower and its seconds (time-to-target, resources) are not comparable to a run on its own core",
+            file=sys.stderr,
+        )
 
 
 def preflight(config: EvalConfig, specs: Sequence[TaskSpec], controller: Any) -> None:
@@ -99,11 +159,10 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def _run(
-    executor: Executor, cells: Sequence[Cell], results: Path, protocol: dict[str, Any], bar: tqdm[Any]
+    executor: Executor, cells: Sequence[Cell], results: Path, protocol: ReportProtocol, bar: tqdm[Any]
 ) -> None:
     for record in executor.run(cells):
-        record["protocol"] = protocol
-        append_jsonl(results, record)
+        append_jsonl(results, record.with_protocol(protocol).to_json())
         bar.update(1)
 
 
@@ -122,10 +181,10 @@ def evaluate_suite(
         config: the evaluation suite.
         controller: checkpoint path or shipped name handed to every method's context (the ``learned`` method).
         out_dir: run directory (``results.jsonl``, ``config.yaml``, ``report.md``, ``report.html``, figures).
-        workers: parallel runs (0 = all cores).
+        workers: parallel runs (0 = all CPUs this process may use; more than that is allowed, with a warning).
         backend: ``"process"`` (local pool) or ``"ray"``.
         address: Ray cluster address (``None``: a local Ray instance).
-        progress: show a progress bar (runs done / total, ETA).
+        progress: show progress (a line per task being prepared, then a bar of runs done / total with ETA).
 
     Returns:
         The summary tables as Markdown.
@@ -135,19 +194,22 @@ def evaluate_suite(
         CheckpointError: the controller cannot be loaded.
     """
     out_dir = Path(out_dir)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cpus()
     specs = held_out_specs(config)
     controller_path = str(resolve_checkpoint(controller)) if controller is not None else None
-    preflight(config, specs, load_controller(controller_path) if controller_path else None)
+    loaded = load_controller(controller_path) if controller_path else None
+    prepare_tasks(specs, config.device, progress)
+    preflight(config, specs, loaded)
+    warn_if_oversubscribed(workers, local=address is None)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, out_dir / "config.yaml")
     results = out_dir / RESULTS
     _repair_torn_tail(results)
-    protocol = protocol_of(config)
+    protocol = ReportProtocol.of(config)
 
     phase1 = plan_cells(config, specs)
-    done = {record["key"] for record in load_records(results)}
+    done = {record.key for record in load_records(results)}
     todo = [cell for cell in phase1 if cell.key not in done]
     total = len(phase1) + count_transfer_cells(config, specs)
     finished_before = len(phase1) - len(todo)
@@ -165,17 +227,17 @@ def evaluate_suite(
             _run(executor, todo, results, protocol, bar)
 
             planned = {cell.key for cell in phase1}
-            grid = [r for r in load_records(results) if r["key"] in planned and r["lr_source"] == "grid"]
+            grid = [r for r in load_records(results) if r.key in planned and r.lr_source == "grid"]
             tuned_lrs = {}
             for spec in specs:
                 for entry in config.methods:
                     lr = select_lr(
-                        r for r in grid if r["task_key"] == spec.key and r["method"] == entry.display
+                        r for r in grid if r.task_key == spec.key and r.method == entry.display
                     )
                     if lr is not None:
                         tuned_lrs[spec.key, entry.display] = lr
             phase2 = plan_transfer_cells(config, specs, tuned_lrs)
-            done = {record["key"] for record in load_records(results)}
+            done = {record.key for record in load_records(results)}
             todo2 = [cell for cell in phase2 if cell.key not in done]
             bar.update(len(phase2) - len(todo2))
             _run(executor, todo2, results, protocol, bar)
@@ -185,4 +247,12 @@ def evaluate_suite(
     return render_report(out_dir)
 
 
-__all__ = ["evaluate_suite", "held_out_specs", "preflight", "protocol_of"]
+__all__ = [
+    "check_eval_config",
+    "evaluate_suite",
+    "held_out_specs",
+    "load_eval_suite",
+    "preflight",
+    "prepare_tasks",
+    "quiet_libraries",
+]

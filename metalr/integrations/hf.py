@@ -38,7 +38,15 @@ import os
 from typing import Any
 
 from torch import Tensor
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ModuleNotFoundError as err:  # an optional extra: say which one instead of a bare import error
+    raise ModuleNotFoundError(
+        "metalr.integrations.hf needs Hugging Face transformers (and accelerate for Trainer): "
+        "pip install 'metalr[data]'",
+        name=err.name,
+    ) from err
 
 from metalr.controller import LRController
 from metalr.scheduler import LearnedLR

@@ -43,7 +43,6 @@ from metalr.config import (
     FamilyEntry,
     MetaTrainConfig,
     dump_config,
-    load_suite,
     to_plain,
 )
 from metalr.controller import ArchConfig, LRController, PolicyConfig
@@ -71,7 +70,7 @@ from metalr.meta.state import (
 )
 from metalr.meta.truncation import make_truncation_schedule
 from metalr.meta.unroll import InnerRun, start_run, unroll
-from metalr.tasks import SamplingConfig, TaskSpec, build_task, create_task_family
+from metalr.tasks import SamplingConfig, TaskSpec, build_task, create_task_family, load_suite
 from metalr.tasks.registry import sample_specs
 
 

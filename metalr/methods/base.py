@@ -107,6 +107,8 @@ class Method(Protocol):
     def build(self, params: Iterable[Tensor], context: MethodContext) -> MethodRun: ...
 
 
+# A leaf registry: the package (metalr/methods/__init__.py) imports every method module, which registers
+# itself, so importing anything under metalr.methods completes it and nothing here imports a method.
 _METHODS: dict[str, Callable[..., Method]] = {}
 M = TypeVar("M", bound=Callable[..., Method])
 
@@ -123,18 +125,12 @@ def register_method(name: str) -> Callable[[M], M]:
     return decorator
 
 
-def _ensure_loaded() -> None:
-    import metalr.methods  # noqa: F401  (the package imports every method module)
-
-
 def list_methods() -> list[str]:
-    _ensure_loaded()
     return sorted(_METHODS)
 
 
 def create_method(name: str, **hyper: Any) -> Method:
     """Instantiate a registered method with hyperparameters (unknown name or argument -> clear error)."""
-    _ensure_loaded()
     if name not in _METHODS:
         raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}")
     try:

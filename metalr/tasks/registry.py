@@ -1,14 +1,19 @@
-"""Registry of task families: ``@register_task_family``, ``create_task_family``, ``list_task_families``."""
+"""Registry of task families: ``@register_task_family``, ``create_task_family``, ``list_task_families``.
+
+A leaf (timm's pattern): it imports no family. ``metalr/tasks/__init__.py`` imports the family modules,
+which register themselves, so the registry is complete once ``metalr.tasks`` (or anything under it) is
+imported. :func:`load_suite` reads a task suite and checks every family it names against the registry.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
 
+from metalr.config import ConfigError, SuiteConfig, read_suite, resolve_suite_path
 from metalr.tasks.base import SamplingConfig, Task, TaskFamily, TaskSpec
 
 _FAMILIES: dict[str, Callable[..., TaskFamily]] = {}
@@ -27,16 +32,7 @@ def register_task_family(name: str) -> Callable[[F], F]:
     return decorator
 
 
-def _ensure_loaded() -> None:
-    # Importing the family modules registers them; kept lazy so `import metalr` stays light.
-    import metalr.tasks.embedded  # noqa: F401
-
-    if (Path(__file__).parent / "real.py").exists():  # real-data families (their heavy imports are lazy)
-        import metalr.tasks.real  # noqa: F401
-
-
 def list_task_families() -> list[str]:
-    _ensure_loaded()
     return sorted(_FAMILIES)
 
 
@@ -47,7 +43,6 @@ def create_task_family(name: str, **overrides: Any) -> TaskFamily:
         KeyError: unknown name (the message lists the registered ones).
         ValueError: an override the family does not take.
     """
-    _ensure_loaded()
     if name not in _FAMILIES:
         raise KeyError(f"unknown task family {name!r}; registered families: {', '.join(sorted(_FAMILIES))}")
     sampling_fields = {f.name for f in dataclasses.fields(SamplingConfig)}
@@ -87,6 +82,21 @@ def _check_ranges(name: str, family: Any, overrides: dict[str, Any]) -> None:
             or not value[0] <= value[1]
         ):
             raise ValueError(f"task family {name!r}: {f.name} must be a [low, high] pair with low <= high, got {value!r}")
+
+
+def load_suite(name_or_path: str) -> SuiteConfig:
+    """Read a task suite and check that every family it names exists and takes its overrides.
+
+    Raises:
+        ConfigError: the file, a key, an unknown family or a bad override (one line, naming it).
+    """
+    suite = read_suite(name_or_path)
+    for entry in (*suite.meta_train, *suite.meta_valid, *suite.held_out):
+        try:
+            create_task_family(entry.family, **entry.overrides)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(f"{resolve_suite_path(name_or_path)}: {err.args[0] if err.args else err}") from None
+    return suite
 
 
 def build_task(spec: TaskSpec, device: str = "cpu") -> Task:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import metalr
-from metalr.config import EvalConfig, load_eval_config
+from metalr.config import EvalConfig
+from metalr.evaluation import load_eval_suite
 
 TINY_SUITE = """\
 name: tiny
@@ -51,4 +52,4 @@ def tiny_config(eval_yaml: Callable[[str], Path]) -> EvalConfig:
         "name: tiny evaluation\ntasks_per_family: 1\nseeds: 2\neval_every: 10\nlr_grid_points: 2\n"
         "horizon_scales: [2.0]\nbootstrap_samples: 500\nmethods: [constant, cosine, learned]\n"
     )
-    return load_eval_config(path)
+    return load_eval_suite(path)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import ast
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 import metalr.evaluation as evaluation_package
+import metalr.methods.base as methods_base
 from metalr.checkpoint import load_controller
 from metalr.config import EvalConfig, MethodEntry
 from metalr.evaluation.harness import Cell, count_transfer_cells, plan_cells, plan_transfer_cells, run_cell
 from metalr.evaluation.suite import held_out_specs
-from metalr.methods import list_methods
-from metalr.tasks import TaskSpec
+from metalr.methods import MethodContext, MethodRun, create_method, list_methods
+from metalr.tasks import TaskSpec, build_task
 
 SPEC = TaskSpec(
     "iris_mlp",
@@ -96,30 +100,30 @@ def test_cell_key_ignores_nothing_that_changes_the_run() -> None:
 def test_every_registered_method_runs_through_the_one_loop(method: str, controller_path: Path) -> None:
     cell = Cell(SPEC, MethodEntry(method), False, 0, SPEC.base_lr, "default", 1.0, 20, 10)
     result = run_cell(cell, load_controller(controller_path))
-    assert result["method"] == method and result["key"] == cell.key
-    assert len(result["train_loss"]) == len(result["lr_trace"]) == result["steps_done"] == 20
-    assert [p["step"] for p in result["valid"]] == [0, 10, 20]
-    assert math.isfinite(result["final_test"]["loss"]) and "accuracy" in result["final_test"]
-    assert result["final_valid"]["loss"] == result["valid"][-1]["loss"]
-    assert all(lr > 0 and math.isfinite(lr) for lr in result["lr_trace"])
-    assert result["peak_rss_mb"] > 0 and result["train_seconds"] > 0
+    assert result.method == method and result.key == cell.key
+    assert len(result.train_loss) == len(result.lr_trace) == result.steps_done == 20
+    assert [p["step"] for p in result.valid] == [0, 10, 20]
+    assert math.isfinite(result.final_test["loss"]) and "accuracy" in result.final_test
+    assert result.final_valid["loss"] == result.valid[-1]["loss"]
+    assert all(lr > 0 and math.isfinite(lr) for lr in result.lr_trace)
+    assert result.peak_rss_mb > 0 and result.train_seconds > 0
 
 
 def test_run_is_deterministic_in_the_seed(controller_path: Path) -> None:
     cell = Cell(SPEC, MethodEntry("cosine"), True, 1, 1e-2, "grid", 1.0, 20, 10)
     first, second = run_cell(cell), run_cell(cell)
-    assert first["train_loss"] == second["train_loss"] and first["final_test"] == second["final_test"]
+    assert first.train_loss == second.train_loss and first.final_test == second.final_test
     other_seed = run_cell(Cell(SPEC, MethodEntry("cosine"), True, 2, 1e-2, "grid", 1.0, 20, 10))
-    assert other_seed["train_loss"] != first["train_loss"]
+    assert other_seed.train_loss != first.train_loss
 
 
 def test_a_diverging_run_stops_and_is_recorded_as_non_finite() -> None:
     spec = SPEC.replace(optimizer="sgd")
     cell = Cell(spec, MethodEntry("constant"), True, 0, 1e6, "grid", 1.0, 20, 10)
     result = run_cell(cell)
-    assert result["nonfinite"] and result["nonfinite_step"] is not None
-    assert result["steps_done"] == result["nonfinite_step"] <= 20
-    assert result["final_test"]["loss"] == math.inf
+    assert result.nonfinite and result.nonfinite_step is not None
+    assert result.steps_done == result.nonfinite_step <= 20
+    assert result.final_test["loss"] == math.inf
 
 
 def test_no_module_of_the_harness_names_a_method() -> None:
@@ -134,3 +138,43 @@ def test_no_module_of_the_harness_names_a_method() -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
         }
         assert not literals & names, f"{path.name} special-cases {sorted(literals & names)}"
+
+
+@dataclass(frozen=True)
+class _MemoryHog:
+    """The constant schedule, plus 64 MiB that its scheduler allocates at the first step and holds."""
+
+    name: str = "test-memory-hog"
+    description: str = "constant LR holding 64 MiB (test only)"
+    source: str = "tests"
+    tuned: bool = False
+    owns_optimizer: bool = False
+
+    def build(self, params: Any, context: MethodContext) -> MethodRun:
+        run = create_method("constant").build(params, context)
+        inner, held = run.scheduler, []
+
+        class Holding:
+            def step(self, loss: Any = None) -> None:
+                if not held:
+                    held.append(torch.ones(16 * 2**20))  # 64 MiB, written, so resident
+                inner.step(loss)
+
+            def get_last_lr(self) -> Any:
+                return inner.get_last_lr()
+
+        run.scheduler = Holding()
+        return run
+
+
+def test_memory_is_measured_per_run_not_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(methods_base._METHODS, _MemoryHog.name, _MemoryHog)  # registered for this test only
+    hog = run_cell(Cell(SPEC, MethodEntry(_MemoryHog.name), False, 0, SPEC.base_lr, "default", 1.0, 20, 10))
+    plain = run_cell(Cell(SPEC, MethodEntry("constant"), False, 0, SPEC.base_lr, "default", 1.0, 20, 10))
+    # The worker's peak includes everything the process holds; the per-run growth tells the two apart.
+    assert hog.rss_growth_mb >= 60 and plain.rss_growth_mb < 30, (hog.rss_growth_mb, plain.rss_growth_mb)
+    assert plain.peak_rss_mb > plain.rss_growth_mb
+    sgd = run_cell(Cell(SPEC.replace(optimizer="sgd"), MethodEntry("constant"), False, 0, 0.1, "default", 1.0, 20, 10))
+    parameters = sum(p.numel() * 4 for p in build_task(SPEC).model.parameters()) / 2**20
+    # Adam keeps two moments per parameter (plus a scalar step each); plain SGD keeps nothing.
+    assert plain.optimizer_state_mb == pytest.approx(2 * parameters, rel=0.02) and sgd.optimizer_state_mb == 0

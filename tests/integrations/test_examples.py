@@ -113,3 +113,24 @@ def test_hf_trainer_sst2(tmp_path, controller_path, schedule: str) -> None:
     )
     assert "eval_accuracy" in out
     assert "'train_runtime'" in out  # Trainer finished its (one-epoch) loop
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("titanic_mlp.py", "titanic/train.csv"), ("mnist_cnn.py", "mnist/train-images-idx3-ubyte.gz"),
+     ("imdb_lstm.py", "imdb/aclImdb_v1_labeled.tar.gz"), ("hf_trainer_sst2.py", "sst2/train.tsv")],
+)  # fmt: skip
+def test_an_example_without_its_data_says_where_it_looked(tmp_path, name: str, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "METALR_DATA_DIR"}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"not found: data/{expected}" in done.stderr
+    assert "--data-dir" in done.stderr and "METALR_DATA_DIR" in done.stderr and str(tmp_path / "data") in done.stderr
+
+
+def test_a_short_titanic_run_prints_its_last_epoch(tmp_path, controller_path) -> None:
+    (tmp_path / "titanic").mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "fixtures" / "data" / "titanic" / "train.csv", tmp_path / "titanic")
+    out = run_example("titanic_mlp.py", tmp_path, "--controller", controller_path, "--epochs", "3")
+    assert out.startswith("epoch 3 ") and "test accuracy" in out

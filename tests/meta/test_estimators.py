@@ -17,6 +17,7 @@ from metalr.config import MetaConfig
 from metalr.controller import ArchConfig, LRController, PolicyConfig
 from metalr.features import FeatureSpec
 from metalr.meta.estimators import EstimatorError, create_estimator
+from metalr.meta.recipe import load_recipe
 from metalr.meta.truncation import make_truncation_schedule
 from metalr.meta.unroll import InnerRun, start_run, unroll
 from metalr.tasks import TaskSpec, build_task, create_task_family
@@ -184,7 +185,7 @@ def test_backend_higher_is_refused_for_the_es_estimators() -> None:
     with pytest.raises(EstimatorError, match="backprop estimators"):
         create_estimator(MetaConfig(estimator="pes", backend="higher"))
     with pytest.raises(ValueError, match="unknown estimator 'reinforce'; expected one of"):
-        MetaConfig(estimator="reinforce")  # rejected when the recipe is loaded, before any run starts
+        load_recipe(None, ["meta.estimator=reinforce"])  # rejected when the recipe is loaded, before any run starts
 
 
 def test_truncation_schedules() -> None:

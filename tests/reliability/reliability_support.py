@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 HARNESS = HERE / "fault_harness.py"
 # Record fields that measure the machine, not the run (see metalr.evaluation.harness.TIMING_FIELDS).
-TIMING_FIELDS = ("seconds", "train_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb", "worker")
+TIMING_FIELDS = ("seconds", "train_seconds", "eval_seconds", "peak_rss_mb", "rss_growth_mb", "peak_cuda_mb", "worker")
 
 TINY_TASKS = {"dims": [4, 8], "examples": 256, "steps": [20, 40], "batch_sizes": [16], "optimizers": ["sgd", "adam"]}
 

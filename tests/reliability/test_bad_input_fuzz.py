@@ -41,16 +41,10 @@ from reliability_support import (
 )
 
 from metalr.cli import main
-from metalr.config import (
-    ConfigError,
-    EvalConfig,
-    MetaTrainConfig,
-    load_config,
-    load_eval_config,
-    load_suite,
-    parse_overrides,
-    read_yaml,
-)
+from metalr.config import ConfigError, EvalConfig, MetaTrainConfig, parse_overrides, read_yaml
+from metalr.evaluation import load_eval_suite
+from metalr.meta.recipe import load_recipe
+from metalr.tasks import load_suite
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -259,7 +253,7 @@ def _load_or_config_error(load: Any) -> Any:
 def test_fuzz_meta_train_config_loader(document: dict[str, Any], overrides: list[str], inputs: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         path = write_yaml(Path(directory) / "recipe.yaml", document)
-        config = _load_or_config_error(lambda: load_config(MetaTrainConfig, path, overrides))
+        config = _load_or_config_error(lambda: load_recipe(path, overrides))
     assert config is None or isinstance(config, MetaTrainConfig)
 
 
@@ -270,7 +264,7 @@ def test_fuzz_yaml_text(text: str) -> None:
         path = Path(directory) / "any.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogateescape")
         _load_or_config_error(lambda: read_yaml(path))
-        _load_or_config_error(lambda: load_config(MetaTrainConfig, path))
+        _load_or_config_error(lambda: load_recipe(path))
     _load_or_config_error(lambda: parse_overrides([text]))
 
 
@@ -315,7 +309,7 @@ _eval_values = st.one_of(
 def test_fuzz_evaluation_config_loader(document: dict[str, Any], overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         path = write_yaml(Path(directory) / "eval.yaml", document)
-        config = _load_or_config_error(lambda: load_eval_config(path, overrides))
+        config = _load_or_config_error(lambda: load_eval_suite(path, overrides))
     assert config is None or isinstance(config, EvalConfig)
 
 
@@ -379,7 +373,7 @@ def test_fuzz_cli_arguments(inputs: dict[str, str]) -> None:
 def test_valid_yaml_that_is_not_a_mapping_is_one_line(inputs: dict[str, str]) -> None:
     for key in ("list", "binary", "tabs", "dir", "missing"):
         with pytest.raises(ConfigError) as caught:
-            load_config(MetaTrainConfig, inputs[key])
+            load_recipe(inputs[key])
         assert "\n" not in str(caught.value)
     assert yaml.safe_load(Path(inputs["list"]).read_text()) == [1, 2]
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from metalr.config import load_suite
-from metalr.tasks import TaskSpec, create_task_family, list_task_families
+from metalr.tasks import TaskSpec, create_task_family, list_task_families, load_suite
 from metalr.tasks.optimizers import make_torch_optimizer
 from metalr.tasks.real import FAMILIES, RealTaskFamily, evaluate_split, real_family_names
 
