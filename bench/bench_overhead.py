@@ -84,34 +84,11 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return clock() - start
 
 
-def _tensor_bytes(obj: object, seen: set[int]) -> int:
-    if isinstance(obj, Tensor):
-        key = obj.untyped_storage().data_ptr()
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple, set)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    return 0
-
-
 def scheduler_bytes(sched: LearnedLR, model: nn.Module) -> tuple[float, int]:
     """(bytes of the tensors the scheduler holds / parameter bytes, numel of the largest state_dict tensor)."""
-    from metalr.scheduler import UPDATE_KEY
-
-    params = list(model.parameters())
-    seen = {p.untyped_storage().data_ptr() for p in params} | {
-        p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None
-    }
-    own = {k: v for k, v in vars(sched).items() if k not in ("optimizer", "controller")}
-    held = _tensor_bytes(own, seen) + _tensor_bytes([sched.optimizer.state[p].get(UPDATE_KEY) for p in params], seen)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    state = sched.state_dict()
-    largest = max((t.numel() for t in state["feature_state"].values()), default=0)
-    return held / param_bytes, largest
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max((t.numel() for t in sched.state_dict()["feature_state"].values()), default=0)
+    return sched.held_tensor_bytes() / param_bytes, largest
 
 
 def bench(

@@ -226,6 +226,22 @@ class Observation(NamedTuple):
     budget_used: Tensor
 
     @classmethod
+    def of_reductions(
+        cls,
+        loss: Tensor,
+        reductions: Tensor,
+        lr: Tensor,
+        lr_rel: Tensor,
+        total_steps: Tensor,
+        valid_loss: Tensor,
+        entropy: Tensor,
+        budget_used: Tensor,
+    ) -> Observation:
+        """The observation from a stacked ``REDUCTIONS`` vector (:func:`step_reductions`, or ``LearnedLR``'s hooks)."""
+        grad_sq, param_sq, update_sq, cross = reductions.unbind()
+        return cls(loss, grad_sq, param_sq, update_sq, cross, lr, lr_rel, total_steps, valid_loss, entropy, budget_used)
+
+    @classmethod
     def of_step(
         cls,
         loss: Tensor,
@@ -247,14 +263,10 @@ class Observation(NamedTuple):
         """
         like = torch.zeros((), dtype=_scalar_dtype(loss), device=loss.device)
         reductions, update = step_reductions(grads, params_before, params_after, prev_update, like)
-        grad_sq, param_sq, update_sq, cross = reductions.unbind()
         nan = torch.full((), math.nan, dtype=like.dtype, device=like.device)
-        observation = cls(
-            loss=loss,
-            grad_sq=grad_sq,
-            param_sq=param_sq,
-            update_sq=update_sq,
-            grad_dot_prev_update=cross,
+        observation = cls.of_reductions(
+            loss,
+            reductions,
             lr=lr,
             lr_rel=lr_rel,
             total_steps=total_steps,

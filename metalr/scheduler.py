@@ -60,6 +60,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils._pytree import tree_flatten
 
 from metalr.checkpoint import load_controller
 from metalr.controller import LRController, PolicyState
@@ -69,8 +70,6 @@ _NAN = float("nan")
 UPDATE_KEY = "metalr_update"
 """Key of the previous update ``theta_t - theta_{t+1}`` in ``optimizer.state[p]`` (the one buffer)."""
 
-# Slots of the packed host->device scalar vector built once per step (one transfer instead of six).
-_LR, _LR_REL, _TOTAL, _VALID, _ENTROPY, _BUDGET = range(6)
 
 
 def _validate_optimizer(optimizer: Any) -> None:
@@ -509,30 +508,18 @@ class LearnedLR(LRScheduler):
         self._reductions = None
         lr = float(self.optimizer.param_groups[0]["lr"])
         budget = (time.perf_counter() - self._started) / self.time_budget_s if self.time_budget_s else _NAN
+        # One host->device copy for the six scalars, in Observation's order (lr, lr_rel, total_steps, valid, ...).
         scalars = torch.tensor(
             [lr, lr / float(self.base_lrs[0]), float(self.total_steps), self._pending_valid, self._pending_entropy, budget],
             dtype=self._dtype,
         ).to(self._device, non_blocking=True)
-        grad_sq, param_sq, update_sq, cross = reductions.unbind()
-        obs = Observation(
-            loss=loss,
-            grad_sq=grad_sq,
-            param_sq=param_sq,
-            update_sq=update_sq,
-            grad_dot_prev_update=cross,
-            lr=scalars[_LR],
-            lr_rel=scalars[_LR_REL],
-            total_steps=scalars[_TOTAL],
-            valid_loss=scalars[_VALID],
-            entropy=scalars[_ENTROPY],
-            budget_used=scalars[_BUDGET],
-        )
+        obs = Observation.of_reductions(loss, reductions, *scalars.unbind())
         log_factor, self._state = self.controller.step(self._state, obs)
         features = self._state.features
         scale = self.controller.policy.lr_scale(log_factor, float(self.last_epoch + 1), float(self.total_steps))
         # The one device->host transfer of the step.
         scale_value, grad_norm, update_norm, param_sq_value = torch.stack(
-            [scale.to(self._dtype), features.grad_norm, features.update_norm, param_sq]
+            [scale.to(self._dtype), features.grad_norm, features.update_norm, obs.param_sq]
         ).tolist()
         self._lr_scale = scale_value
         self._host_norms = (grad_norm, update_norm)
@@ -546,6 +533,20 @@ class LearnedLR(LRScheduler):
         # The last finite loss, kept on the device, stands in when step() is called without one.
         self._last_loss = torch.where(torch.isfinite(loss), loss, self._last_loss)
         self._pending_valid = self._pending_entropy = _NAN
+
+    def held_tensor_bytes(self) -> int:
+        """Bytes of the tensors this scheduler keeps between steps, its buffer in the optimizer's state included.
+
+        Feature format 2 keeps one parameter-sized buffer (the previous update) plus scalars: about 1x the
+        parameter bytes (``bench/bench_overhead.py`` reports the ratio).
+        """
+        storages: dict[int, int] = {}
+        tensors = [self._last_loss, *self._state, *self._zero_grads.values()]
+        tensors += [state[UPDATE_KEY] for state in self._hooked.state.values() if UPDATE_KEY in state]
+        for leaf in tree_flatten(tensors)[0]:
+            if isinstance(leaf, Tensor):
+                storages.setdefault(leaf.untyped_storage().data_ptr(), leaf.untyped_storage().nbytes())
+        return sum(storages.values())
 
     @property
     def guard_triggered(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 from metalr.controller import ArchConfig, LRController, PolicyConfig
 from metalr.features import Observation
 
+
 def _obs(loss: float, params) -> Observation:
     grads = [torch.ones_like(p) for p in params]
     obs, _ = Observation.of_step(

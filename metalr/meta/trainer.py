@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from metalr.checkpoint import family_of_optimizer_names, save_controller
+from metalr.checkpoint import family_of_optimizer_names, git_commit, save_controller
 from metalr.config import (
     ConfigError,
     ControllerConfig,
@@ -330,6 +330,8 @@ class MetaTrainer:
             "recipe": config.name,
             "suite": self.suite.name,
             "seed": config.seed,
+            # The code that trains, taken now: HEAD when a checkpoint is written may be a later commit.
+            "git_commit": git_commit(),
         }
         self.state = LoopState()
         self.logger = _Logger(run_dir, self.context, self.meta.tensorboard)
