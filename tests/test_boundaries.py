@@ -31,9 +31,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     "schedules": frozenset(),
     "controller": frozenset({"features", "schedules"}),
     "io": frozenset(),
-    "config": frozenset({"io"}),
-    # ROOT_PACKAGE: `metalr.__version__` for the provenance a checkpoint records
-    "checkpoint": frozenset({"features", "controller", "io", ROOT_PACKAGE}),
+    # where the shipped checkpoints, recipes and suites are (a checkout's folders or the wheel's package data)
+    "shipped": frozenset(),
+    "config": frozenset({"io", "shipped"}),
+    # ROOT_PACKAGE: `metalr.__version__` for the provenance a checkpoint records; hub: `hf://` names (lazily)
+    "checkpoint": frozenset({"features", "controller", "io", "shipped", "hub", ROOT_PACKAGE}),
+    # the Hugging Face Hub: downloads go through the checkpoint's own validation
+    "hub": frozenset({"checkpoint", ROOT_PACKAGE}),
     "scheduler": frozenset({"features", "controller", "checkpoint"}),
     "tasks": frozenset({"config", "io"}),
     "meta": frozenset({"features", "controller", "checkpoint", "tasks", "config", "io"}),
@@ -41,9 +45,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "methods": frozenset({"schedules", "features", "controller", "checkpoint", "scheduler", "tasks", "config", "io"}),
     "evaluation": frozenset({"methods", "tasks", "checkpoint", "scheduler", "config", "io"}),
     "integrations": frozenset({"features", "controller", "checkpoint", "scheduler"}),
-    ROOT_PACKAGE: frozenset({"features", "controller", "checkpoint", "scheduler"}),
+    ROOT_PACKAGE: frozenset({"features", "controller", "checkpoint", "scheduler", "hub"}),
     # `metalr demo`: the CLI's main job, wired from the entry points of both halves
-    "demo": frozenset({"config", "meta", "evaluation", "tasks", "checkpoint", "io"}),
+    "demo": frozenset({"config", "meta", "evaluation", "tasks", "checkpoint", "io", "shipped"}),
 }
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 

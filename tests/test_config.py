@@ -140,7 +140,7 @@ def test_the_default_feature_groups_are_the_feature_modules_defaults() -> None:
         (["controller.features=[telepathy]"], r"demo.yaml: controller: unknown feature group\(s\) \['telepathy'\]"),
         (["controller.kind=transformer"], r"demo.yaml: controller: unknown controller kind 'transformer'"),
         (["controller.kind=lstm"], r"demo.yaml: controller: the lstm controller takes one hidden size"),
-        (["suite=nowhere"], r"task suite 'nowhere' is neither a file nor one of"),
+        (["suite=nowhere"], r"no task suite at 'nowhere': not a file, and not a shipped name \(shipped: "),
         (["train_overrides={colour: red}"], r"train_overrides: task family .* does not take \['colour'\]"),
     ],
 )
