@@ -58,7 +58,7 @@ for step in range(total):
     loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
     loss.backward()
     optimizer.step()
-    sched.step(loss)  # after optimizer.step(), before zero_grad(): it reads the loss and the gradients
+    sched.step(loss)  # after optimizer.step() (whose hooks read the gradient and the update): the loss
     optimizer.zero_grad()
     if (step + 1) % 200 == 0 or step + 1 == total:
         print(f"step {step + 1}/{total}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")

@@ -55,7 +55,7 @@ for epoch in range(args.epochs):
         loss = nn.functional.binary_cross_entropy_with_logits(model(x[idx]).squeeze(1), y[idx])
         loss.backward()
         optimizer.step()
-        sched.step(loss)  # after optimizer.step(), before zero_grad(): it reads the loss and the gradients
+        sched.step(loss)  # after optimizer.step() (whose hooks read the gradient and the update): the loss
         optimizer.zero_grad()
     if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
         with torch.no_grad():
