@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scheduler_support import train
 from torch import nn
 
 from metalr import CheckpointError, LRController, PolicyConfig
@@ -41,21 +42,6 @@ def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [
         (torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)) for _ in range(n)
     ]
-
-
-def train(
-    model: nn.Module, optimizer: torch.optim.Optimizer, sched: LearnedLR, data: list
-) -> list[list[float]]:
-    """Plain loop; returns the LRs of every group after each step."""
-    lrs = []
-    for x, y in data:
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        sched.step(loss)
-        optimizer.zero_grad()
-        lrs.append(sched.get_last_lr())
-    return lrs
 
 
 def test_construction_writes_step0_lr_and_get_last_lr() -> None:

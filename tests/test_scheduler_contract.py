@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from scheduler_support import train
 from torch import nn
 
 from metalr import LRController, PolicyConfig
@@ -30,18 +31,6 @@ def model_and_data(seed: int = 0, steps: int = 16) -> tuple[nn.Module, list[tupl
     generator = torch.Generator().manual_seed(seed + 1)
     data = [(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)) for _ in range(steps)]
     return model, data
-
-
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, sched: LearnedLR, data: list) -> list[float]:
-    lrs = []
-    for x, y in data:
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        sched.step(loss)
-        optimizer.zero_grad()
-        lrs.append(optimizer.param_groups[0]["lr"])
-    return lrs
 
 
 def messages(record: list[warnings.WarningMessage]) -> str:
