@@ -20,7 +20,7 @@ param group keeps its own scale: ``lr_g = clamp(initial_lr_g * base_schedule(t) 
 max_lr)``.
 
 Cost and memory (``bench/bench_overhead.py``): one parameter-sized buffer, the previous update
-``u = theta_t - theta_{t+1}``, updated in place (lerp, copy, subtract; three fused multi-tensor norms;
+``u = theta_t - theta_{t+1}``, updated in place (lerp, copy, subtract; two fused multi-tensor norm calls;
 no temporaries); the per-step scalar work runs on a stacked vector; one device-to-host transfer per step.
 The buffer lives in the optimizer's state (key ``"metalr_update"``), so ``optimizer.state_dict()`` carries it
 and a resumed run continues exactly, while ``LearnedLR.state_dict()`` holds scalars only. During
