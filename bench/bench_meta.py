@@ -238,7 +238,7 @@ def scale_out(steps: int, repeats: int) -> list[tuple[float, float, float]]:
     return results
 
 
-def pes_truncations_per_second(pairs: int, vectorize: bool, truncations: int, length: int, batch: int) -> float:
+def pes_steps_per_second(pairs: int, vectorize: bool, truncations: int, length: int, batch: int) -> float:
     """Inner steps per process-CPU-second of PES on the digits MLP 64x2 (every particle's steps counted)."""
     from metalr.config import MetaConfig
     from metalr.meta.estimators import create_estimator
@@ -263,8 +263,8 @@ def pes_throughput(truncations: int, pairs: int, batch: int) -> list[str]:
     length = 50
     vectorised, sequential = [], []
     for _ in range(2):
-        vectorised.append(pes_truncations_per_second(pairs, True, truncations, length, batch))
-        sequential.append(pes_truncations_per_second(pairs, False, truncations, length, batch))
+        vectorised.append(pes_steps_per_second(pairs, True, truncations, length, batch))
+        sequential.append(pes_steps_per_second(pairs, False, truncations, length, batch))
     v, q = statistics.median(vectorised), statistics.median(sequential)
     lines = [
         "## PES throughput: vectorised (torch.func.vmap over particles) vs sequential",
@@ -277,7 +277,7 @@ def pes_throughput(truncations: int, pairs: int, batch: int) -> list[str]:
         "|---|---|---|",
     ]
     for count in (2, 4, 16, 64):
-        rate = pes_truncations_per_second(count // 2, True, max(1, truncations // 2), length, batch)
+        rate = pes_steps_per_second(count // 2, True, max(1, truncations // 2), length, batch)
         lines.append(f"| {count} | {rate:,.0f} | {1000 / rate:.3f} |")
     lines += ["", f"pes-throughput: vectorised {v:,.0f} steps/s, sequential {q:,.0f} steps/s, ratio {v / q:.1f}"]
     return lines

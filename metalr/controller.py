@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -245,6 +245,6 @@ class LRController(nn.Module):
         return policy_update(self.feature_spec, self.policy, net, state, obs)
 
 
-def detach_policy_state(state: PolicyState) -> PolicyState:
-    """Cut the autograd history (truncation boundary of an unroll)."""
-    return tree_map(lambda t: t.detach(), state)
+def detach_tree(tree: Any) -> Any:
+    """Every tensor of a pytree (a policy state, an inner run's carry) without autograd history."""
+    return tree_map(Tensor.detach, tree)

@@ -44,9 +44,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 from torch.func import functional_call
-from torch.utils._pytree import tree_map
 
-from metalr.controller import LRController, PolicyState, detach_policy_state
+from metalr.controller import LRController, PolicyState, detach_tree
 from metalr.features import Observation, predictive_entropy
 from metalr.meta.inner import InnerOptimizer, make_inner_optimizer
 from metalr.tasks.base import BatchStream, Task
@@ -100,13 +99,7 @@ class InnerRun:
 
     def detached(self) -> InnerRun:
         """Truncation boundary: the carried state loses its autograd history."""
-        return replace(
-            self,
-            params=tuple(p.detach() for p in self.params),
-            opt_state=tuple(s.detach() for s in self.opt_state),
-            prev_update=self.prev_update.detach(),
-            policy=detach_policy_state(self.policy),
-        )
+        return self.with_carry(detach_tree(self.carry))
 
     def forked(self) -> InnerRun:
         """A copy whose batch streams advance independently (same position, same future batches).
@@ -325,7 +318,7 @@ def observe_step(
         budget_used=budget,
     )
     if detach_features or not differentiable:
-        obs = tree_map(lambda t: t.detach(), obs)
+        obs = detach_tree(obs)
     if theta is None:
         _, policy = controller.step(run.policy, obs)
     else:
@@ -393,12 +386,12 @@ def unroll(
     graph_free = not differentiable and not stepper.records_graph
     with torch.no_grad() if graph_free else torch.enable_grad():
         if graph_free:
-            carry = tree_map(lambda t: t.detach(), carry)
+            carry = detach_tree(carry)
         for k in range(steps):
             carry, lr, loss, alarm = advance(theta, carry, next(run.train_stream))
             run = replace(run, step=run.step + 1)
             if not (differentiable or graph_free):
-                carry = tree_map(lambda t: t.detach(), carry)
+                carry = detach_tree(carry)
             lrs.append(lr.detach())
             losses.append(loss.detach())
             alarms.append(alarm.detach())
