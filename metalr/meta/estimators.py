@@ -37,7 +37,17 @@ from torch.utils._pytree import tree_map
 
 from metalr.config import MetaConfig
 from metalr.controller import LRController
-from metalr.meta.unroll import NATIVE, Backend, Carry, InnerRun, UnrollResult, unroll
+from metalr.meta.unroll import (
+    NATIVE,
+    Backend,
+    Carry,
+    InnerRun,
+    UnrollResult,
+    index_tree,
+    stack_trees,
+    unroll,
+    unroll_population,
+)
 
 
 class EstimatorError(ValueError):
@@ -66,6 +76,18 @@ class Estimator(Protocol):
         self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
     ) -> Estimate:
         """One truncation of ``length`` steps from ``run`` with this run's ``state`` (from :meth:`init`)."""
+        ...
+
+    def many(
+        self,
+        controller: LRController,
+        runs: Sequence[InnerRun],
+        length: int,
+        seeds: Sequence[int],
+        states: Sequence[Any],
+    ) -> list[Estimate]:
+        """``[self(controller, r, length, seed, state) for ...]``; ES/PES vmap a population (one architecture,
+        in lockstep: :func:`~metalr.meta.unroll.population_key`) as one unroll when ``meta.vectorize``."""
         ...
 
 
@@ -133,6 +155,17 @@ class TruncatedBackprop:
     ) -> Estimate:
         return self._backprop(controller, run, length)
 
+    def many(
+        self,
+        controller: LRController,
+        runs: Sequence[InnerRun],
+        length: int,
+        seeds: Sequence[int],
+        states: Sequence[Any],
+    ) -> list[Estimate]:
+        # Backprop through a vmapped population would need a second-order graph per member: one at a time.
+        return [self(controller, r, length, seed, st) for r, seed, st in zip(runs, seeds, states, strict=True)]
+
 
 @dataclass
 class FullBackprop(TruncatedBackprop):
@@ -170,13 +203,12 @@ def _noise(theta: dict[str, Tensor], sigma: float, generator: torch.Generator) -
     }
 
 
-def _stack(items: Sequence[Any]) -> Any:
-    """Stack a list of same-shaped pytrees along a new leading (particle) dimension."""
-    return tree_map(lambda *leaves: torch.stack(leaves), *items)
-
-
-def _index(tree: Any, i: int) -> Any:
-    return tree_map(lambda t: t[i], tree)
+def _antithetic(theta: dict[str, Tensor], noises: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """theta + eps_j, theta - eps_j for each pair j (particles 2j and 2j+1)."""
+    thetas = []
+    for eps in noises:
+        thetas += [{n: theta[n] + eps[n] for n in theta}, {n: theta[n] - eps[n] for n in theta}]
+    return thetas
 
 
 class _Particles(NamedTuple):
@@ -193,40 +225,59 @@ class _ESBase:
     full_horizon = False
 
     def _run_particles(
-        self, controller: LRController, run: InnerRun, carries: Carry, thetas: list[dict[str, Tensor]], length: int
-    ) -> _Particles:
-        """Unroll particle ``i`` (state ``carries[i]``) with controller weights ``thetas[i]``, all on the same batches."""
-        frozen = {n: p.detach() for n, p in controller.theta().items() if n not in thetas[0]}
-        weights = [{**frozen, **t} for t in thetas]
-        options = {
-            "differentiable": False,
-            "objective_every": self.config.objective_every,
-            "valid_every": self.config.valid_every,
-            "backend": NATIVE,
-        }
+        self,
+        controller: LRController,
+        runs: Sequence[InnerRun],
+        carries: Sequence[Carry],
+        thetas: Sequence[list[dict[str, Tensor]]],
+        length: int,
+    ) -> list[_Particles]:
+        """For each run ``m``, unroll its particle ``i`` (state ``carries[m][i]``) with weights ``thetas[m][i]``.
+
+        Particles of one run see the same batches. Vectorised: one vmap over particles (and, for more than
+        one run, over the runs as a population); otherwise one unroll after another (the reference).
+        """
+        frozen = {n: p.detach() for n, p in controller.theta().items() if n not in thetas[0][0]}
+        weights = [[{**frozen, **t} for t in member] for member in thetas]
+        options = {"objective_every": self.config.objective_every, "valid_every": self.config.valid_every}
+        count = len(weights[0])
         if self.config.vectorize:
-            result = unroll(
-                controller,
-                run.with_carry(carries),
-                length,
-                theta=_stack(weights),
-                particles=len(weights),
-                **options,  # type: ignore[arg-type]
+            starts = [r.with_carry(c) for r, c in zip(runs, carries, strict=True)]
+            stacked = [stack_trees(w) for w in weights]
+            if len(runs) == 1:
+                results = [
+                    unroll(controller, starts[0], length, differentiable=False, theta=stacked[0], particles=count, **options)  # type: ignore[arg-type]
+                ]
+            else:
+                results = unroll_population(
+                    controller, starts, length, theta=stack_trees(stacked), particles=count, **options  # type: ignore[arg-type]
+                )
+            return [
+                _Particles(
+                    [float(x) for x in r.meta_loss.tolist()],
+                    r.run.carry,
+                    r.run.with_carry(index_tree(r.run.carry, 0)),
+                    r.lrs,
+                    r.alarms,
+                )
+                for r in results
+            ]
+        out = []
+        for run, carry, member in zip(runs, carries, weights, strict=True):
+            each: list[UnrollResult] = [
+                unroll(controller, run.with_carry(index_tree(carry, i)), length, differentiable=False, theta=w, **options)  # type: ignore[arg-type]
+                for i, w in enumerate(member)
+            ]
+            out.append(
+                _Particles(
+                    [float(r.meta_loss) for r in each],
+                    stack_trees([r.run.carry for r in each]),
+                    each[0].run,
+                    each[0].lrs,
+                    sum(r.alarms for r in each),
+                )
             )
-            losses = [float(x) for x in result.meta_loss.tolist()]
-            first = result.run.with_carry(_index(result.run.carry, 0))
-            return _Particles(losses, result.run.carry, first, result.lrs, result.alarms)
-        results: list[UnrollResult] = [
-            unroll(controller, run.with_carry(_index(carries, i)), length, theta=w, **options)  # type: ignore[arg-type]
-            for i, w in enumerate(weights)
-        ]
-        return _Particles(
-            [float(r.meta_loss) for r in results],
-            _stack([r.run.carry for r in results]),
-            results[0].run,
-            results[0].lrs,
-            sum(r.alarms for r in results),
-        )
+        return out
 
     def _assemble(self, controller: LRController, grad: dict[str, Tensor], finite: bool) -> tuple[Tensor, ...]:
         scale = 1.0 / (2 * self.config.es_pairs * self.config.es_sigma**2)
@@ -234,6 +285,21 @@ class _ESBase:
             (grad[n] * scale if finite else torch.full_like(p, math.nan)) if n in grad else torch.zeros_like(p)
             for n, p in controller.theta().items()
         )
+
+    def many(
+        self,
+        controller: LRController,
+        runs: Sequence[InnerRun],
+        length: int,
+        seeds: Sequence[int],
+        states: Sequence[Any],
+    ) -> list[Estimate]:
+        raise NotImplementedError
+
+    def __call__(
+        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
+    ) -> Estimate:
+        return self.many(controller, [run], length, [seed], [state])[0]
 
 
 def _repeat(carry: Carry, count: int) -> Carry:
@@ -251,26 +317,41 @@ class AntitheticES(_ESBase):
     def init(self, controller: LRController, run: InnerRun) -> Any:
         return ()
 
-    def __call__(
-        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
-    ) -> Estimate:
+    def many(
+        self,
+        controller: LRController,
+        runs: Sequence[InnerRun],
+        length: int,
+        seeds: Sequence[int],
+        states: Sequence[Any],
+    ) -> list[Estimate]:
         theta = _trainable(controller)
-        generator = torch.Generator().manual_seed(seed)
-        noises = [_noise(theta, self.config.es_sigma, generator) for _ in range(self.config.es_pairs)]
-        thetas = [theta]
-        for eps in noises:
-            thetas += [{n: theta[n] + eps[n] for n in theta}, {n: theta[n] - eps[n] for n in theta}]
-        out = self._run_particles(controller, run, _repeat(run.carry, len(thetas)), thetas, length)
-        grad = {n: torch.zeros_like(p) for n, p in theta.items()}
-        finite = math.isfinite(out.meta_losses[0])
-        for j, eps in enumerate(noises):
-            difference = out.meta_losses[1 + 2 * j] - out.meta_losses[2 + 2 * j]
-            finite = finite and math.isfinite(difference)
-            for n in grad:
-                grad[n] += eps[n] * (difference if math.isfinite(difference) else 0.0)
-        return Estimate(
-            self._assemble(controller, grad, finite), out.meta_losses[0], out.run.detached(), out.lrs, out.alarms, len(out.lrs)
-        )
+        noises = []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(seed)
+            noises.append([_noise(theta, self.config.es_sigma, generator) for _ in range(self.config.es_pairs)])
+        thetas = [[theta, *_antithetic(theta, member)] for member in noises]
+        carries = [_repeat(r.carry, len(thetas[0])) for r in runs]
+        estimates = []
+        for out, member in zip(self._run_particles(controller, runs, carries, thetas, length), noises, strict=True):
+            grad = {n: torch.zeros_like(p) for n, p in theta.items()}
+            finite = math.isfinite(out.meta_losses[0])
+            for j, eps in enumerate(member):
+                difference = out.meta_losses[1 + 2 * j] - out.meta_losses[2 + 2 * j]
+                finite = finite and math.isfinite(difference)
+                for n in grad:
+                    grad[n] += eps[n] * (difference if math.isfinite(difference) else 0.0)
+            estimates.append(
+                Estimate(
+                    self._assemble(controller, grad, finite),
+                    out.meta_losses[0],
+                    out.run.detached(),
+                    out.lrs,
+                    out.alarms,
+                    len(out.lrs),
+                )
+            )
+        return estimates
 
 
 class PESState(NamedTuple):
@@ -305,35 +386,43 @@ class PersistentES(_ESBase):
             accumulated={n: torch.zeros((pairs, *p.shape), dtype=p.dtype, device=p.device) for n, p in theta.items()},
         )
 
-    def __call__(
-        self, controller: LRController, run: InnerRun, length: int, seed: int = 0, state: Any = ()
-    ) -> Estimate:
+    def many(
+        self,
+        controller: LRController,
+        runs: Sequence[InnerRun],
+        length: int,
+        seeds: Sequence[int],
+        states: Sequence[Any],
+    ) -> list[Estimate]:
         pairs = self.config.es_pairs
         theta = _trainable(controller)
-        if not isinstance(state, PESState):
-            state = self.init(controller, run)
-        generator = torch.Generator().manual_seed(seed)
-        noises = [_noise(theta, self.config.es_sigma, generator) for _ in range(pairs)]
-        accumulated = {n: state.accumulated[n] + torch.stack([eps[n] for eps in noises]) for n in theta}
-        thetas = []
-        for eps in noises:
-            thetas += [{n: theta[n] + eps[n] for n in theta}, {n: theta[n] - eps[n] for n in theta}]
-        out = self._run_particles(controller, run, state.carry, thetas, length)
-        differences = [out.meta_losses[2 * j] - out.meta_losses[2 * j + 1] for j in range(pairs)]
-        finite = all(math.isfinite(x) for x in out.meta_losses)
-        weights = torch.tensor([d if math.isfinite(d) else 0.0 for d in differences], dtype=torch.float64)
-        grad = {
-            n: torch.tensordot(weights.to(xi.device, xi.dtype), xi, dims=1) for n, xi in accumulated.items()
-        }
-        return Estimate(
-            self._assemble(controller, grad, finite),
-            sum(out.meta_losses) / len(out.meta_losses),
-            out.run.detached(),
-            out.lrs,
-            out.alarms,
-            len(out.lrs),
-            PESState(out.carry, accumulated),
-        )
+        states = [s if isinstance(s, PESState) else self.init(controller, r) for r, s in zip(runs, states, strict=True)]
+        noises, accumulated = [], []
+        for seed, state in zip(seeds, states, strict=True):
+            generator = torch.Generator().manual_seed(seed)
+            member = [_noise(theta, self.config.es_sigma, generator) for _ in range(pairs)]
+            noises.append(member)
+            accumulated.append({n: state.accumulated[n] + torch.stack([eps[n] for eps in member]) for n in theta})
+        thetas = [_antithetic(theta, member) for member in noises]
+        outs = self._run_particles(controller, runs, [s.carry for s in states], thetas, length)
+        estimates = []
+        for out, xis in zip(outs, accumulated, strict=True):
+            differences = [out.meta_losses[2 * j] - out.meta_losses[2 * j + 1] for j in range(pairs)]
+            finite = all(math.isfinite(x) for x in out.meta_losses)
+            weights = torch.tensor([d if math.isfinite(d) else 0.0 for d in differences], dtype=torch.float64)
+            grad = {n: torch.tensordot(weights.to(xi.device, xi.dtype), xi, dims=1) for n, xi in xis.items()}
+            estimates.append(
+                Estimate(
+                    self._assemble(controller, grad, finite),
+                    sum(out.meta_losses) / len(out.meta_losses),
+                    out.run.detached(),
+                    out.lrs,
+                    out.alarms,
+                    len(out.lrs),
+                    PESState(out.carry, xis),
+                )
+            )
+        return estimates
 
 
 ESTIMATORS: dict[str, Callable[[MetaConfig], Estimator]] = {

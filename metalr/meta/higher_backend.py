@@ -133,7 +133,7 @@ class HigherStepper:
 
 
 class HigherBackend:
-    def begin(self, run: InnerRun, differentiable: bool) -> Stepper:
+    def begin(self, run: InnerRun, differentiable: bool, vectorised: bool = False) -> Stepper:
         return HigherStepper(run, differentiable)
 
 

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 from metalr.controller import LRController, PolicyState, detach_tree
 from metalr.features import Observation, predictive_entropy
@@ -120,12 +121,38 @@ class InnerRun:
         param_dict = dict(zip(self.names, params, strict=True))
         return lambda *args, **kwargs: functional_call(self.task.model, param_dict, args, kwargs)
 
+    @property
+    def clock(self) -> Clock:
+        return Clock(float(self.step), float(self.task.spec.steps), self.task.spec.base_lr, self.initial_valid_loss)
+
     def lr(self, controller: LRController, policy: PolicyState | None = None) -> Tensor:
         """The learning rate for the next step under ``controller``."""
-        p = controller.policy
-        log_factor = (policy or self.policy).log_factor
-        spec = self.task.spec
-        return p.clamp_lr(spec.base_lr * p.lr_scale(log_factor, float(self.step), float(spec.steps)))
+        return lr_at(controller, (policy or self.policy).log_factor, self.clock)
+
+
+class Clock(NamedTuple):
+    """The per-run scalars an inner step reads: Python floats for one run, tensors ``[M]`` for a population."""
+
+    step: Tensor | float
+    steps: Tensor | float
+    base_lr: Tensor | float
+    initial_valid_loss: Tensor | float
+
+    def tick(self) -> Clock:
+        return self._replace(step=self.step + 1)
+
+
+def lr_at(controller: LRController, log_factor: Tensor, clock: Clock) -> Tensor:
+    """The learning rate of the step at ``clock`` for the controller output ``log_factor``."""
+    p = controller.policy
+    return p.clamp_lr(clock.base_lr * p.lr_scale(log_factor, clock.step, clock.steps))
+
+
+def _scalar(value: Tensor | float, like: Tensor) -> Tensor:
+    """``value`` as a tensor of ``like``'s dtype and device (a population's clock is a tensor already)."""
+    if isinstance(value, Tensor):
+        return value.to(like.dtype)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def start_run(
@@ -203,7 +230,9 @@ class Stepper(Protocol):
 
 
 class Backend(Protocol):
-    def begin(self, run: InnerRun, differentiable: bool) -> Stepper: ...
+    def begin(self, run: InnerRun, differentiable: bool, vectorised: bool = False) -> Stepper:
+        """The stepper of one unroll; ``vectorised``: it will run under ``torch.func.vmap``."""
+        ...
 
 
 class _CapturingCall:
@@ -222,20 +251,18 @@ class NativeStepper:
     """``torch.func.functional_call`` + the functional optimizers of ``meta.inner``.
 
     Differentiable: ``torch.autograd.grad(..., create_graph=True)``, so the meta-gradient flows through the
-    inner updates. Otherwise ``torch.func.grad``: no graph at all (the unroll then runs under ``no_grad``),
-    and ``vmap``-able over ES/PES particles.
+    inner updates. Vectorised (ES/PES particles, populations): ``torch.func.grad``, which ``vmap`` batches
+    and which records no graph. Otherwise (plain rollouts, staggering): a first-order ``autograd.grad`` on
+    detached leaves, which also serves models that functorch cannot transform (the packed-sequence LSTM).
     """
 
     records_graph = False  # without differentiable=True its outputs carry no autograd history
 
+    def __init__(self, vectorised: bool = False) -> None:
+        self.vectorised = vectorised
+
     def step(self, run: InnerRun, batch: Any, lr: Tensor, differentiable: bool) -> StepOutcome:
-        if differentiable:
-            params = tuple(p if p.requires_grad else p.requires_grad_(True) for p in run.params)
-            call = _CapturingCall(run.model_call(params))
-            loss = run.task.loss(call, batch)
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            output = call.output
-        else:
+        if self.vectorised:
 
             def loss_and_output(params: Tensors) -> tuple[Tensor, Any]:
                 call = _CapturingCall(run.model_call(params))
@@ -244,6 +271,19 @@ class NativeStepper:
 
             params = run.params
             grads, (loss, output) = torch.func.grad(loss_and_output, has_aux=True)(params)
+        else:
+            with torch.enable_grad():
+                if differentiable:
+                    params = tuple(p if p.requires_grad else p.requires_grad_(True) for p in run.params)
+                else:
+                    params = tuple(p.detach().requires_grad_(True) for p in run.params)
+                call = _CapturingCall(run.model_call(params))
+                loss = run.task.loss(call, batch)
+                grads = torch.autograd.grad(loss, params, create_graph=differentiable)
+            output = call.output
+            if not differentiable:
+                params, loss, grads = detach_tree((params, loss, grads))
+                output = output.detach() if isinstance(output, Tensor) else None
         new_params, opt_state = run.optimizer.update(grads, run.opt_state, params, lr)
         return StepOutcome(params, loss, grads, new_params, opt_state, output)
 
@@ -252,17 +292,17 @@ class NativeStepper:
 
 
 class NativeBackend:
-    def begin(self, run: InnerRun, differentiable: bool) -> Stepper:
-        return NativeStepper()
+    def begin(self, run: InnerRun, differentiable: bool, vectorised: bool = False) -> Stepper:
+        return NativeStepper(vectorised)
 
 
 NATIVE = NativeBackend()
 
 
 def extra_observations(
-    controller: LRController, run: InnerRun, params: Tensors, outputs: Any, valid_every: int
+    controller: LRController, run: InnerRun, clock: Clock, params: Tensors, outputs: Any, valid_every: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(valid_loss, entropy, budget_used)`` for the observation of step ``run.step`` (NaN = not measured)."""
+    """``(valid_loss, entropy, budget_used)`` for the observation of the step at ``clock`` (NaN = not measured)."""
     groups = controller.feature_spec.groups
     device = params[0].device if params else torch.device("cpu")
     nan = torch.full((), NAN, device=device)
@@ -284,7 +324,7 @@ def extra_observations(
     ):
         entropy = predictive_entropy(outputs).to(device)
     # Step fraction of the budget (see the module docstring for why not wall-clock time).
-    budget = torch.full((), (run.step + 1) / run.task.spec.steps, device=device)
+    budget = _scalar((clock.step + 1) / clock.steps, params[0] if params else nan)
     return valid_loss, entropy, budget
 
 
@@ -292,18 +332,18 @@ def observe_step(
     controller: LRController,
     theta: Mapping[str, Tensor] | None,
     run: InnerRun,
+    clock: Clock,
     outcome: StepOutcome,
     lr: Tensor,
     valid_every: int,
     differentiable: bool,
     detach_features: bool,
 ) -> tuple[PolicyState, Tensor]:
-    """Observe the step ``outcome`` (theta_t -> theta_{t+1}) and advance ``run.policy``.
+    """Observe the step ``outcome`` (theta_t -> theta_{t+1}) at ``clock`` and advance ``run.policy``.
 
     Returns ``(policy, update)``; ``update`` is u_t (flat), the next step's ``prev_update``.
     """
-    spec = run.task.spec
-    valid_loss, entropy, budget = extra_observations(controller, run, outcome.params, outcome.output, valid_every)
+    valid_loss, entropy, budget = extra_observations(controller, run, clock, outcome.params, outcome.output, valid_every)
     obs, update = Observation.of_step(
         outcome.loss,
         outcome.grads,
@@ -311,8 +351,8 @@ def observe_step(
         outcome.new_params,
         run.prev_update,
         lr=lr,
-        lr_rel=lr / spec.base_lr,
-        total_steps=torch.full((), float(spec.steps), device=lr.device),
+        lr_rel=lr / clock.base_lr,
+        total_steps=_scalar(clock.steps, lr),
         valid_loss=valid_loss,
         entropy=entropy,
         budget_used=budget,
@@ -324,6 +364,41 @@ def observe_step(
     else:
         _, policy = controller.apply(theta, run.policy, obs)
     return policy, update
+
+
+def stack_trees(items: Sequence[Any]) -> Any:
+    """Stack same-shaped pytrees along a new leading dimension (particles, population members)."""
+    return tree_map(lambda *leaves: torch.stack(leaves), *items)
+
+
+def index_tree(tree: Any, i: int) -> Any:
+    return tree_map(lambda t: t[i], tree)
+
+
+def population_key(run: InnerRun) -> tuple[Any, ...]:
+    """What the members of a population must share: one architecture, data shapes, optimizer and horizon.
+
+    Members differ in seed (data order and subset, label noise, initialisation) and base LR, and are
+    trained in lockstep (the same step), so their carries and batches stack along one leading dimension.
+    """
+    spec = run.task.spec
+    options = tuple(sorted((k, repr(v)) for k, v in spec.options.items()))
+    shapes = tuple((name, tuple(p.shape), p.dtype) for name, p in zip(run.names, run.params, strict=True))
+    return (spec.family, options, spec.optimizer, spec.batch_size, spec.steps, run.step, shapes)
+
+
+def check_population(runs: Sequence[InnerRun], controller: LRController) -> None:
+    keys = {population_key(r) for r in runs}
+    if len(keys) > 1:
+        raise ValueError(
+            f"a population trains tasks of one architecture in lockstep, got {len(keys)} different "
+            f"(family, options, optimizer, batch size, horizon, step) among {[r.task.spec.label for r in runs]}"
+        )
+    if "validation" in controller.feature_spec.groups:
+        raise ValueError(
+            "the validation feature group measures inner_valid on each task's own schedule, which a vmapped "
+            "population cannot do; use population 1 for controllers that read it"
+        )
 
 
 def unroll(
@@ -357,54 +432,132 @@ def unroll(
             result's ``meta_loss`` has shape ``[P]`` (``lrs``/``train_losses`` follow particle 0, ``alarms``
             sums over particles). Needs ``differentiable=False`` and the native backend.
     """
+    options = (differentiable, detach_features, objective_every, valid_every, theta, backend, particles)
+    return _unroll(controller, [run], False, length, *options)[0]
+
+
+def unroll_population(
+    controller: LRController,
+    runs: Sequence[InnerRun],
+    length: int,
+    objective_every: int = 1,
+    valid_every: int = 10,
+    theta: Mapping[str, Tensor] | None = None,
+    particles: int = 0,
+) -> list[UnrollResult]:
+    """:func:`unroll` of a *population*: tasks of one architecture in lockstep (:func:`population_key`).
+
+    All members (and their ``particles``) run as one ``torch.func.vmap``-ed first-order unroll; the result
+    is what unrolling each member on its own would give, one :class:`UnrollResult` per member. The members'
+    carries are stacked along a leading dimension ``M`` (before the particles'), and so is ``theta`` when
+    given (each member has its own perturbations); ``None`` runs the controller's own weights for all.
+    """
+    if not runs:
+        return []
+    options = (False, False, objective_every, valid_every, theta, NATIVE, particles)
+    return _unroll(controller, list(runs), True, length, *options)
+
+
+def _unroll(
+    controller: LRController,
+    runs: list[InnerRun],
+    population: bool,
+    length: int,
+    differentiable: bool,
+    detach_features: bool,
+    objective_every: int,
+    valid_every: int,
+    theta: Mapping[str, Tensor] | None,
+    backend: Backend,
+    particles: int,
+) -> list[UnrollResult]:
+    """The one unroll loop (of one run, or vmapped over a population); see :func:`unroll`."""
+    members = [r.forked() for r in runs]
     if particles and (differentiable or theta is None):
         raise ValueError("a vectorised unroll (particles > 0) is first-order and needs the particles' theta")
-    # Private copies of the data streams: unrolling the same run twice (finite differences, antithetic
-    # ES pairs) must see the same batches, and the caller's run must not move.
-    run = run.forked()
-    steps = min(length, run.task.spec.steps - run.step)
-    stepper = backend.begin(run, differentiable)
+    if population:
+        if differentiable or backend is not NATIVE:
+            raise ValueError("a population unroll is first-order (differentiable=False) on the native backend")
+        check_population(members, controller)
+    # Private copies of the data streams (forked above): unrolling the same run twice (finite differences,
+    # antithetic ES pairs) must see the same batches, and the caller's run must not move.
+    template = members[0]
+    steps = min(length, template.task.spec.steps - template.step)
+    stepper = backend.begin(template, differentiable, vectorised=bool(particles) or population)
 
-    def advance(weights: Mapping[str, Tensor] | None, carry: Carry, batch: Any) -> tuple[Carry, Tensor, Tensor, Tensor]:
-        current = run.with_carry(carry)
-        lr = current.lr(controller)
+    def advance(
+        weights: Mapping[str, Tensor] | None, carry: Carry, batch: Any, clock: Clock
+    ) -> tuple[Carry, Tensor, Tensor, Tensor]:
+        current = template.with_carry(carry)
+        lr = lr_at(controller, carry.policy.log_factor, clock)
         outcome = stepper.step(current, batch, lr, differentiable)
-        policy, update = observe_step(controller, weights, current, outcome, lr, valid_every, differentiable, detach_features)
+        policy, update = observe_step(
+            controller, weights, current, clock, outcome, lr, valid_every, differentiable, detach_features
+        )
         return Carry(outcome.new_params, outcome.opt_state, update, policy), lr, outcome.loss, policy.features.alarm
 
-    def objective(params: Tensors, batch: Any) -> Tensor:
-        return torch.log(run.task.loss(run.model_call(params), batch) / run.initial_valid_loss)
+    def objective(params: Tensors, batch: Any, clock: Clock) -> Tensor:
+        return torch.log(template.task.loss(template.model_call(params), batch) / clock.initial_valid_loss)
 
-    if particles:
-        advance = torch.func.vmap(advance, in_dims=(0, 0, None), randomness="same")  # type: ignore[assignment]
-        objective = torch.func.vmap(objective, in_dims=(0, None), randomness="same")  # type: ignore[assignment]
+    advance_fn, objective_fn = advance, objective
+    if particles:  # particles of one task share its batches and clock
+        advance_fn = torch.func.vmap(advance_fn, in_dims=(0, 0, None, None), randomness="same")
+        objective_fn = torch.func.vmap(objective_fn, in_dims=(0, None, None), randomness="same")
+    if population:  # members have their own batches and clocks
+        theta_dim = 0 if theta is not None else None
+        advance_fn = torch.func.vmap(advance_fn, in_dims=(theta_dim, 0, 0, 0), randomness="same")
+        objective_fn = torch.func.vmap(objective_fn, in_dims=(0, 0, 0), randomness="same")
+        carry = stack_trees([m.carry for m in members])
+        like = template.params[0] if template.params else torch.zeros(())
+        columns = list(zip(*(m.clock for m in members), strict=True))
+        # step and steps are whole numbers (exact in float32, the dtype the base schedule gets for a single
+        # run's float step), so a member's LRs are bit-for-bit those of the same run unrolled alone.
+        clock = Clock(
+            *(torch.tensor(c, dtype=torch.float32, device=like.device) for c in columns[:2]),
+            *(torch.tensor(c, dtype=like.dtype, device=like.device) for c in columns[2:]),
+        )
+    else:
+        carry, clock = template.carry, template.clock
+
+    def next_batch(stream: str) -> Any:
+        batches = [next(getattr(m, stream)) for m in members]
+        return stack_trees(batches) if population else batches[0]
+
     terms: list[Tensor] = []
     lrs: list[Tensor] = []
     losses: list[Tensor] = []
     alarms: list[Tensor] = []
-    carry = run.carry
     graph_free = not differentiable and not stepper.records_graph
     with torch.no_grad() if graph_free else torch.enable_grad():
         if graph_free:
             carry = detach_tree(carry)
         for k in range(steps):
-            carry, lr, loss, alarm = advance(theta, carry, next(run.train_stream))
-            run = replace(run, step=run.step + 1)
+            carry, lr, loss, alarm = advance_fn(theta, carry, next_batch("train_stream"), clock)
+            clock = clock.tick()
+            template = replace(template, step=template.step + 1)
             if not (differentiable or graph_free):
                 carry = detach_tree(carry)
             lrs.append(lr.detach())
             losses.append(loss.detach())
             alarms.append(alarm.detach())
             if (k + 1) % objective_every == 0 or k == steps - 1:
-                terms.append(objective(carry.params, next(run.valid_stream)))
-        run = stepper.end(run.with_carry(carry), steps)
-    meta_loss = torch.stack(terms).mean(0) if terms else torch.zeros((particles,) if particles else ())
-    # One read-back per truncation instead of three host syncs per inner step.
+                terms.append(objective_fn(carry.params, next_batch("valid_stream"), clock))
+        if population:
+            after = [replace(m, step=m.step + steps).with_carry(index_tree(carry, i)) for i, m in enumerate(members)]
+        else:
+            after = [stepper.end(template.with_carry(carry), steps)]
+    shape = ((len(members),) if population else ()) + ((particles,) if particles else ())
+    meta_loss = torch.stack(terms).mean(0) if terms else torch.zeros(shape)
+    if not population:
+        meta_loss = meta_loss.unsqueeze(0)
     if not steps:
-        return UnrollResult(meta_loss, run, [], [], 0)
-    first = (lambda t: t[0]) if particles else (lambda t: t)
-    trace = torch.stack(
-        [torch.stack([first(t) for t in lrs]), torch.stack([first(t) for t in losses])]
-    ).to(torch.float64).tolist()
-    guard_events = int((torch.stack(alarms) > 0).sum())
-    return UnrollResult(meta_loss, run, trace[0], trace[1], guard_events)
+        return [UnrollResult(meta_loss[i], r, [], [], 0) for i, r in enumerate(after)]
+
+    def per_member(values: list[Tensor]) -> Tensor:  # [steps, M, particles or 1]
+        return torch.stack(values).reshape(steps, len(members), -1)
+
+    # One read-back per truncation instead of three host syncs per inner step; traces follow particle 0.
+    trace = torch.stack([per_member(lrs)[..., 0], per_member(losses)[..., 0]]).to(torch.float64)
+    per_run = trace.transpose(1, 2).tolist()  # [2, M, steps]
+    counts = (per_member(alarms) > 0).sum((0, 2)).tolist()
+    return [UnrollResult(meta_loss[i], r, per_run[0][i], per_run[1][i], int(counts[i])) for i, r in enumerate(after)]

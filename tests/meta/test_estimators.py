@@ -19,7 +19,7 @@ from metalr.features import FeatureSpec
 from metalr.meta.estimators import EstimatorError, create_estimator
 from metalr.meta.recipe import load_recipe
 from metalr.meta.truncation import make_truncation_schedule
-from metalr.meta.unroll import InnerRun, start_run, unroll
+from metalr.meta.unroll import InnerRun, start_run, unroll, unroll_population
 from metalr.tasks import TaskSpec, build_task, create_task_family
 
 HORIZON, TRUNCATION = 40, 5
@@ -204,3 +204,64 @@ def test_truncation_schedules() -> None:
         make_truncation_schedule("linear", 10)
     with pytest.raises(ValueError, match="min_length <= max_length"):
         make_truncation_schedule("log_uniform", 10, min_length=20)
+
+
+def _population(controller: LRController, size: int) -> list[InnerRun]:
+    """``size`` wine-MLP tasks of one architecture: different seeds (data order, init) and base LRs."""
+    spec = create_task_family("wine_mlp").sample(torch.Generator().manual_seed(2))
+    spec = spec.replace(optimizer="adam", base_lr=1e-2, steps=40)
+    specs = [spec.replace(seed=spec.seed + m, base_lr=spec.base_lr * 2.0**m) for m in range(size)]
+    return [start_run(build_task(s), controller, valid_batch_size=32, dtype=torch.float64) for s in specs]
+
+
+@pytest.mark.parametrize("name", ["es", "pes"])
+def test_a_vectorised_population_agrees_with_its_members_estimated_one_by_one_in_float64(name: str) -> None:
+    """One vmap over members x particles = every member's particles unrolled one after another."""
+    torch.manual_seed(0)
+    controller = LRController(policy=PolicyConfig(base_schedule="cosine")).double()
+    with torch.no_grad():
+        controller.net.head.weight.normal_(0, 0.3)
+    results = {}
+    for vectorize in (True, False):
+        estimator = create_estimator(MetaConfig(estimator=name, es_pairs=2, es_sigma=0.05, vectorize=vectorize))
+        runs = _population(controller, 3)
+        states = [estimator.init(controller, r) for r in runs]
+        for truncation in range(2):
+            estimates = estimator.many(controller, runs, 10, [truncation * 10 + m for m in range(3)], states)
+            runs, states = [e.run for e in estimates], [e.state for e in estimates]
+        results[vectorize] = estimates
+    for vectorised, sequential in zip(results[True], results[False], strict=True):
+        for a, b in zip(vectorised.grads, sequential.grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+        assert abs(vectorised.meta_loss - sequential.meta_loss) < 1e-9
+        assert vectorised.lrs == pytest.approx(sequential.lrs, rel=1e-9)
+        assert vectorised.alarms == sequential.alarms
+        torch.testing.assert_close(vectorised.run.params, sequential.run.params, rtol=1e-9, atol=1e-12)
+    # Members are different tasks: their estimates differ (the population is not one task copied).
+    first, second = results[True][0], results[True][1]
+    assert not torch.allclose(first.grads[-1], second.grads[-1])
+    assert first.lrs != pytest.approx(second.lrs)
+
+
+def test_a_population_unroll_is_its_members_unrolled_alone() -> None:
+    controller = LRController(policy=PolicyConfig(base_schedule="cosine")).double()
+    runs = _population(controller, 2)
+    together = unroll_population(controller, runs, 12, objective_every=4)
+    for run, result in zip(runs, together, strict=True):
+        alone = unroll(controller, run, 12, differentiable=False, objective_every=4)
+        assert float(result.meta_loss) == pytest.approx(float(alone.meta_loss), rel=1e-9)
+        assert result.lrs == pytest.approx(alone.lrs, rel=1e-9)
+        assert result.run.step == alone.run.step == 12
+        torch.testing.assert_close(result.run.params, alone.run.params, rtol=1e-9, atol=1e-12)
+    assert runs[0].step == 0, "the population's runs are not modified"
+
+
+def test_a_population_refuses_members_of_different_architectures() -> None:
+    controller = LRController(policy=PolicyConfig(base_schedule="cosine")).double()
+    runs = _population(controller, 2)
+    other = start_run(build_task(_quadratic()), controller, valid_batch_size=32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one architecture in lockstep"):
+        unroll_population(controller, [runs[0], other], 5)
+    ahead = unroll(controller, runs[1], 3, differentiable=False).run
+    with pytest.raises(ValueError, match="one architecture in lockstep"):
+        unroll_population(controller, [runs[0], ahead], 5)

@@ -219,3 +219,24 @@ def test_evaluate_split_agrees_with_task_evaluate(name: str, fixture_dir: Path) 
     )
     for key, value in plain.items():
         assert full[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "sst2_lstm", "sst2_bilstm", "titanic_mlp"])
+def test_a_frozen_controller_rollout_trains_every_model_kind(name: str, fixture_dir: Path) -> None:
+    """The non-differentiable unroll (staggering, meta-validation, probes) runs on every model kind.
+
+    Regression: it once used ``torch.func.grad``, which the packed-sequence LSTM cannot run under, so a
+    meta-training run on cpu-small crashed while staggering its first SST-2 task.
+    """
+    from metalr.controller import LRController
+    from metalr.meta.unroll import start_run, unroll
+
+    family = _family(name, fixture_dir)
+    task = family.build(_tiny_spec(family).replace(steps=3))
+    controller = LRController()
+    run = start_run(task, controller, valid_batch_size=8)
+    result = unroll(controller, run, 3, differentiable=False, objective_every=1)
+    assert result.run.step == 3 and len(result.lrs) == 3
+    assert math.isfinite(float(result.meta_loss))
+    assert not any(p.requires_grad for p in result.run.params)
+    assert any(not torch.equal(a, b) for a, b in zip(run.params, result.run.params, strict=True))
