@@ -238,47 +238,68 @@ def scale_out(steps: int, repeats: int) -> list[tuple[float, float, float]]:
     return results
 
 
-def pes_steps_per_second(pairs: int, vectorize: bool, truncations: int, length: int, batch: int) -> float:
-    """Inner steps per process-CPU-second of PES on the digits MLP 64x2 (every particle's steps counted)."""
+def pes_steps_per_second(
+    pairs: int, vectorize: bool, truncations: int, length: int, batch: int, population: int = 1
+) -> float:
+    """Inner steps per process-CPU-second of PES on the digits MLP 64x2 (every particle's steps counted).
+
+    ``population`` tasks of that architecture (own seeds and base LRs) are estimated together with
+    ``estimator.many`` - one vmapped unroll of population x particles when vectorised.
+    """
     from metalr.config import MetaConfig
     from metalr.meta.estimators import create_estimator
 
     spec = _spec("adam", 64, 2, batch).replace(steps=1000)
+    specs = [spec.replace(seed=spec.seed + m, base_lr=spec.base_lr * 1.5**m) for m in range(population)]
     controller = LRController().requires_grad_(True)
     estimator = create_estimator(MetaConfig(estimator="pes", es_pairs=pairs, vectorize=vectorize, objective_every=10))
-    run = start_run(build_task(spec), controller)
-    state = estimator.init(controller, run)
-    estimate = estimator(controller, run, length, seed=0, state=state)  # warm-up (lazy init, allocator)
-    run, state = estimate.run, estimate.state
+    runs = [start_run(build_task(s), controller) for s in specs]
+    states = [estimator.init(controller, r) for r in runs]
+
+    def truncation(seed: int) -> None:
+        nonlocal runs, states
+        estimates = estimator.many(controller, runs, length, [seed * 1000 + m for m in range(population)], states)
+        runs, states = [e.run for e in estimates], [e.state for e in estimates]
+
+    truncation(0)  # warm-up (lazy init, allocator)
     start = time.process_time()
     for k in range(truncations):
-        estimate = estimator(controller, run, length, seed=k + 1, state=state)
-        run, state = estimate.run, estimate.state
+        truncation(k + 1)
     seconds = time.process_time() - start
-    return truncations * length * 2 * pairs / seconds
+    return truncations * length * 2 * pairs * population / seconds
 
 
-def pes_throughput(truncations: int, pairs: int, batch: int) -> list[str]:
+def pes_throughput(truncations: int, pairs: int, batch: int, population: int) -> list[str]:
     """Vectorised vs sequential PES, measured alternately in one process; then cost per particle vs count."""
     length = 50
-    vectorised, sequential = [], []
+    vectorised, particles_only, sequential = [], [], []
     for _ in range(2):
-        vectorised.append(pes_steps_per_second(pairs, True, truncations, length, batch))
+        vectorised.append(pes_steps_per_second(pairs, True, truncations, length, batch, population))
+        particles_only.append(pes_steps_per_second(pairs, True, truncations, length, batch))
         sequential.append(pes_steps_per_second(pairs, False, truncations, length, batch))
-    v, q = statistics.median(vectorised), statistics.median(sequential)
+    v, p, q = (statistics.median(x) for x in (vectorised, particles_only, sequential))
     lines = [
-        "## PES throughput: vectorised (torch.func.vmap over particles) vs sequential",
+        "## PES throughput: vectorised (torch.func.vmap over tasks x particles) vs sequential",
         "",
         f"digits MLP 64x2, Adam, batch {batch}, horizon 1000, truncations of {length}, {pairs} antithetic pairs "
-        f"({2 * pairs} particles); {truncations} truncations per measurement after one warm-up, two alternating "
-        "measurements each (median). Inner steps are counted for every particle; time is process CPU time, 1 thread.",
+        f"({2 * pairs} particles) per task; {truncations} truncations per measurement after one warm-up, two "
+        "alternating measurements each (median). Inner steps are counted for every particle of every task; time "
+        "is process CPU time, 1 thread. Sequential: one particle after another (`meta.vectorize: false`).",
         "",
-        "| particles | vectorised steps/s | per-particle-step cost (ms) |",
+        "| configuration | steps/s | ratio to sequential |",
         "|---|---|---|",
+        f"| sequential, 1 task | {q:,.0f} | 1.0 |",
+        f"| vectorised particles, 1 task | {p:,.0f} | {p / q:.1f} |",
+        f"| vectorised population of {population} tasks x particles | {v:,.0f} | {v / q:.1f} |",
+        "",
+        "Cost per particle-step as the vmapped width grows (1 truncation each):",
+        "",
+        "| tasks x particles | lanes | vectorised steps/s | per-particle-step cost (ms) |",
+        "|---|---|---|---|",
     ]
-    for count in (2, 4, 16, 64):
-        rate = pes_steps_per_second(count // 2, True, max(1, truncations // 2), length, batch)
-        lines.append(f"| {count} | {rate:,.0f} | {1000 / rate:.3f} |")
+    for tasks, count in ((1, 2), (1, 4), (1, 16), (1, 64), (4, 32), (16, 32)):
+        rate = pes_steps_per_second(count // 2, True, max(1, truncations // 2), length, batch, tasks)
+        lines.append(f"| {tasks} x {count} | {tasks * count} | {rate:,.0f} | {1000 / rate:.3f} |")
     lines += ["", f"pes-throughput: vectorised {v:,.0f} steps/s, sequential {q:,.0f} steps/s, ratio {v / q:.1f}"]
     return lines
 
@@ -293,6 +314,7 @@ def main() -> None:
     parser.add_argument("--pes-truncations", type=int, default=4, help="truncations per PES measurement")
     parser.add_argument("--pes-pairs", type=int, default=16)
     parser.add_argument("--pes-batch", type=int, default=128)
+    parser.add_argument("--pes-population", type=int, default=4, help="tasks vmapped together (headline figure)")
     parser.add_argument("--out", help="write the Markdown report here too")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--length", type=int, default=20, help="truncation length K for the timing")
@@ -302,7 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.pes_throughput:
-        print("\n".join(pes_throughput(args.pes_truncations, args.pes_pairs, args.pes_batch)), flush=True)
+        print("\n".join(pes_throughput(args.pes_truncations, args.pes_pairs, args.pes_batch, args.pes_population)), flush=True)
         return
     lines = [
         "# Meta-training engine benchmarks",

@@ -64,6 +64,7 @@ class MetaConfig:
     backend: str = "native"  # unroll implementation for backprop estimators: "native" | "higher"
     meta_steps: int = 200  # outer (controller) updates
     meta_batch: int = 4  # inner tasks trained in parallel, one truncation each per meta-step
+    population: int = 1  # meta-batch slots per population: tasks of one architecture, vmapped together (ES/PES)
     unroll_length: int = 20  # truncation length K in inner steps
     meta_lr: float = 1e-3  # Adam learning rate of the controller
     meta_grad_clip: float = 1.0  # global-norm clip of the meta-gradient
@@ -89,7 +90,7 @@ class MetaConfig:
     tensorboard: bool = False  # also log to TensorBoard (run_dir/tensorboard; needs the tensorboard extra)
 
     def __post_init__(self) -> None:
-        positive = ("meta_steps", "meta_batch", "unroll_length", "valid_batch_size", "objective_every", "log_every")
+        positive = ("meta_steps", "meta_batch", "population", "unroll_length", "valid_batch_size", "objective_every", "log_every")
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
         if bad:
             raise ValueError(f"must be positive: {', '.join(bad)}")
@@ -108,6 +109,11 @@ class MetaConfig:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if not self.es_sigma > 0:
             raise ValueError(f"es_sigma must be > 0, got {self.es_sigma}")
+        if self.meta_batch % self.population:
+            raise ValueError(
+                f"meta_batch={self.meta_batch} must be a multiple of population={self.population} "
+                "(the meta-batch is split into populations of that many tasks)"
+            )
         if not self.memory_budget_mb >= 0:
             raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 

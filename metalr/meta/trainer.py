@@ -1,13 +1,15 @@
 """The outer loop: sample tasks, estimate meta-gradients over truncations, update the controller.
 
-Wired in plain sight (as in learned_optimization's ``simple_lopt_train.py``)::
+Wired in plain sight (as in learned_optimization's ``simple_lopt_train.py``; :class:`MetaTrainer`)::
 
-    sampler   = TaskSampler(suite.meta_train, seed)              # family -> TaskSpec -> Task
-    runs      = [start_run(sampler.next(), controller) ...]       # meta-batch, staggered offsets
-    estimator = create_estimator(config.meta)                     # tbptt | full | es | pes (see ESTIMATORS)
-    schedule  = make_truncation_schedule(...)                     # K per meta-step
-    for each meta-step:  grads = mean(estimator(controller, run, K).grads for run in runs)
-                         (all-reduced over workers), clip, skip if non-finite, Adam step on the controller
+    controller = build_controller(config.controller)                     # the policy being meta-trained
+    estimator  = create_estimator(config.meta)                           # tbptt | full | es | pes (ESTIMATORS)
+    pool       = TaskPool(TaskSampler(suite.meta_train, seed), ...)      # meta-batch: populations of tasks
+    outer      = OuterLearner(controller.parameters(), meta_lr, clip)    # Adam on the controller
+    for each meta-step (K = truncation schedule):
+        estimates = [estimator.many(controller, population, K, seeds, states) for population in pool]
+        summed, totals, flags = all_reduce_step(finite estimates' grads, StepTotals, done/non-finite flags)
+        pool.refill(flags); outer.update(summed, totals)                # clip, Adam step
 
 A truncation whose meta-loss or meta-gradient is NaN/inf is skipped and counted, never applied; when more
 than ``max_skip_fraction`` of them were skipped the run stops with a clear message. Divergence-guard
@@ -29,34 +31,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from metalr.checkpoint import family_of_optimizer_names, git_commit, save_controller
-from metalr.config import (
-    ConfigError,
-    ControllerConfig,
-    FamilyEntry,
-    MetaTrainConfig,
-    dump_config,
-    to_plain,
-)
-from metalr.controller import ArchConfig, LRController, PolicyConfig
-from metalr.features import FeatureSpec
+from metalr.config import ConfigError, FamilyEntry, MetaTrainConfig, dump_config, to_plain
+from metalr.controller import LRController
 from metalr.io import append_jsonl, atomic_write_text, read_jsonl
-from metalr.meta.distributed import (
-    WorkerContext,
-    all_reduce_min,
-    all_reduce_sum,
-    init_distributed,
-    worker_device,
-)
-from metalr.meta.estimators import BACKPROP_ESTIMATORS, EstimatorError, create_estimator
-from metalr.meta.resources import MemoryBudgetError, check_memory_budget, estimate_unroll_bytes
+from metalr.meta.distributed import WorkerContext, all_reduce_min, init_distributed, worker_device
+from metalr.meta.estimators import EstimatorError, create_estimator
+from metalr.meta.outer import OuterLearner, StepTotals, all_reduce_step
+from metalr.meta.pool import MetaTrainingError, PoolCounters, TaskPool, TaskSampler
 from metalr.meta.state import (
     TensorTable,
     available_steps,
@@ -69,67 +58,9 @@ from metalr.meta.state import (
     write_state,
 )
 from metalr.meta.truncation import make_truncation_schedule
-from metalr.meta.unroll import InnerRun, start_run, unroll
-from metalr.tasks import SamplingConfig, TaskSpec, build_task, create_task_family, load_suite
+from metalr.meta.validation import best_constant_lr, build_controller, meta_validate, rollout, rollout_score
+from metalr.tasks import SamplingConfig, TaskSpec, create_task_family, load_suite
 from metalr.tasks.registry import sample_specs
-
-
-class MetaTrainingError(RuntimeError):
-    """Meta-training cannot continue (too many non-finite truncations, refused tasks, ...)."""
-
-
-def build_controller(config: ControllerConfig) -> LRController:
-    """A fresh controller as a recipe describes it."""
-    spec = FeatureSpec(groups=tuple(config.features), guard_ratio=config.guard_ratio)
-    policy = PolicyConfig(
-        min_lr=config.min_lr,
-        max_lr=config.max_lr,
-        min_factor=config.min_factor,
-        max_factor=config.max_factor,
-        max_log_step=config.max_log_step,
-        base_schedule=config.base_schedule,
-        guard_cut=config.guard_cut,
-    )
-    return LRController(spec, policy, ArchConfig(kind=config.kind, hidden=tuple(config.hidden)))
-
-
-@dataclass
-class TaskSampler:
-    """Draws specs from a list of families (uniformly over families) with its own generator."""
-
-    entries: tuple[FamilyEntry, ...]
-    seed: int
-    generator: torch.Generator = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not self.entries:
-            raise ValueError("the task suite lists no families to sample from")
-        self.families = [create_task_family(e.family, **e.overrides) for e in self.entries]
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def next_spec(self) -> TaskSpec:
-        index = int(torch.randint(len(self.families), (), generator=self.generator))
-        return self.families[index].sample(self.generator)
-
-
-def rollout_score(controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10) -> float:
-    """Meta-objective of a whole training run under a frozen controller (no meta-gradient)."""
-    return rollout(controller, spec, device, every)[0]
-
-
-def rollout(
-    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10
-) -> tuple[float, list[float]]:
-    """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10."""
-    run = start_run(build_task(spec, device), controller)
-    result = unroll(controller, run, spec.steps, differentiable=False, objective_every=every)
-    value = float(result.meta_loss)
-    return (value if math.isfinite(value) else 10.0), result.lrs
-
-
-def meta_validate(controller: LRController, specs: list[TaskSpec], device: str = "cpu") -> float:
-    """Mean full-horizon meta-objective over validation tasks (lower is better)."""
-    return sum(rollout_score(controller, s, device) for s in specs) / max(1, len(specs))
 
 
 def train_entries(config: MetaTrainConfig, entries: tuple[FamilyEntry, ...]) -> tuple[FamilyEntry, ...]:
@@ -145,49 +76,19 @@ def train_entries(config: MetaTrainConfig, entries: tuple[FamilyEntry, ...]) -> 
     return merged
 
 
-def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device: str = "cpu") -> float:
-    """The best constant LR for ``spec`` on a grid of base_lr x 2^k, k = -4..4 (full-horizon meta-objective).
-
-    An untrained controller with the guardrail off is exactly a constant schedule at its base LR.
-    """
-    constant = build_controller(replace(controller_config, base_schedule="constant", guard_cut=1.0)).to(
-        device
-    )
-    scored = []
-    for k in range(-4, 5):
-        lr = min(controller_config.max_lr, max(controller_config.min_lr, spec.base_lr * 2.0**k))
-        scored.append((rollout_score(constant, spec.replace(base_lr=lr), device), lr))
-    return min(scored)[1]
-
-
 def noise_seed(seed: int, meta_step: int, slot: int) -> int:
     """ES/PES noise seed of one (meta-step, slot): independent of worker count and of resumption."""
     return (seed * 1_000_003 + meta_step * 4_099 + slot * 131 + 7) % (2**63 - 1)
 
 
-class StepTotals(NamedTuple):
-    """Per-meta-step sums over the meta-batch slots a worker ran; all-reduced by field, in this order."""
-
-    used: float = 0.0  # truncations whose estimate was finite (averaged into the meta-gradient)
-    grad_sq_sum: float = 0.0  # sum over used truncations of |g_i|^2 (estimator variance)
-    meta_loss_sum: float = 0.0
-    guard_events: float = 0.0  # divergence-guard cuts (incl. those of staggering unrolls)
-    skipped: float = 0.0  # truncations with a non-finite meta-loss or meta-gradient
-    lr_ratio_sum: float = 0.0  # sum over inner steps of lr / base_lr
-    lr_count: float = 0.0
-
-
 @dataclass
-class LoopState:
-    """Counters of the outer loop (JSON in the resume state)."""
+class LoopState(PoolCounters):
+    """Counters of the outer loop, the task pool's included (JSON in the resume state)."""
 
     meta_step: int = 0
     attempted: int = 0
     skipped: int = 0
     guard_events: int = 0
-    refused: int = 0
-    consecutive_refused: int = 0
-    pending_guard_events: int = 0  # guard events of staggering unrolls, reported with the next meta-step
     best: float = math.inf
     window_sum: float = 0.0
     window_count: int = 0
@@ -283,15 +184,17 @@ def _check_resumed_config(config: MetaTrainConfig, run_dir: Path) -> None:
 
 
 class MetaTrainer:
-    """One meta-training run (built by :func:`meta_train`; kept as a class so tests and tools can step it)."""
+    """One meta-training run (built by :func:`meta_train`; kept as a class so tests and tools can step it).
+
+    Its parts, wired below in plain sight: the :class:`~metalr.meta.pool.TaskPool` (the meta-batch's
+    tasks), the estimator (:data:`~metalr.meta.estimators.ESTIMATORS`, which owns its per-run state), the
+    truncation schedule and the :class:`~metalr.meta.outer.OuterLearner`; :meth:`step` is one meta-step.
+    """
 
     def __init__(
         self, config: MetaTrainConfig, run_dir: Path, progress: bool = True, resume: bool = False
     ) -> None:
-        self.config = config
-        self.meta = config.meta
-        self.run_dir = run_dir
-        self.progress = progress
+        self.config, self.meta, self.run_dir, self.progress = config, config.meta, run_dir, progress
         self.context = init_distributed(config.device)
         self.device = worker_device(config.device, self.context)
         if resume:
@@ -302,17 +205,14 @@ class MetaTrainer:
         self.suite = load_suite(config.suite)
         torch.manual_seed(config.seed)
         self.controller = build_controller(config.controller).to(self.device)
-        self.meta_optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.meta.meta_lr)
+        self.outer = OuterLearner(list(self.controller.parameters()), self.meta.meta_lr, self.meta.meta_grad_clip)
         try:
             self.estimator = create_estimator(self.meta)
         except EstimatorError as err:
             raise ConfigError(str(err)) from None
+        m = self.meta
         self.schedule = make_truncation_schedule(
-            self.meta.truncation,
-            self.meta.unroll_length,
-            min(self.meta.min_unroll_length, self.meta.unroll_length),
-            self.meta.curriculum_steps,
-            config.seed,
+            m.truncation, m.unroll_length, min(m.min_unroll_length, m.unroll_length), m.curriculum_steps, config.seed
         )
         self.sampler = TaskSampler(train_entries(config, self.suite.meta_train), config.seed)
         # The checkpoints' optimizer_family: the one family trained on (no `optimizers` override = the default mix).
@@ -322,163 +222,87 @@ class MetaTrainer:
         valid_entries = train_entries(config, self.suite.meta_valid)
         self.valid_specs = sample_specs(valid_entries, 2, config.seed + 1) if valid_entries else []
         self.probe_specs: list[TaskSpec] = []
-        if self.meta.probe_every and self.meta.probe_tasks:
-            entries = valid_entries or self.sampler.entries
-            self.probe_specs = sample_specs(entries, 1, config.seed + 2)[: self.meta.probe_tasks]
+        if m.probe_every and m.probe_tasks:
+            self.probe_specs = sample_specs(valid_entries or self.sampler.entries, 1, config.seed + 2)[: m.probe_tasks]
         self.probe_best_lrs: list[float] = []
+        # The code that trains, taken now: HEAD when a checkpoint is written may be a later commit.
         self.provenance: dict[str, Any] = {
-            "recipe": config.name,
-            "suite": self.suite.name,
-            "seed": config.seed,
-            # The code that trains, taken now: HEAD when a checkpoint is written may be a later commit.
-            "git_commit": git_commit(),
+            "recipe": config.name, "suite": self.suite.name, "seed": config.seed, "git_commit": git_commit()
         }
         self.state = LoopState()
-        self.logger = _Logger(run_dir, self.context, self.meta.tensorboard)
-        self.runs: list[InnerRun | None] = [None] * self.meta.meta_batch
-        self.estimator_states: list[Any] = [()] * self.meta.meta_batch
+        self.logger = _Logger(run_dir, self.context, m.tensorboard)
+        self.pool = self._pool()
         self.state_dir = run_dir / "resume"
         if not (resume and self._load_resume_state()):
             self.logger.truncate_after(-1)  # a fresh start: no records of an earlier attempt remain
-            for slot in range(self.meta.meta_batch):
-                self.runs[slot] = self._fill(slot, offset=not self.estimator.full_horizon)
+            self.pool.fill_all()
 
-    # -- task slots -------------------------------------------------------------------------------------------
+    def _pool(self) -> TaskPool:
+        def record(event: dict[str, Any]) -> None:
+            self.logger.record({"meta_step": self.state.meta_step, **event})
 
-    def _fill(self, slot: int, offset: bool) -> InnerRun | None:
-        """Draw the next task for ``slot`` (every worker draws, so samplers stay in step; the owner builds it)."""
-        while True:
-            spec = self.sampler.next_spec()
-            # Stagger the meta-batch: start at a random point of the horizon so tasks are not in lockstep.
-            skip = int(torch.randint(spec.steps, (), generator=self.sampler.generator)) if offset else 0
-            if self.meta.memory_budget_mb > 0:
-                try:
-                    self._check_memory(spec)
-                except MemoryBudgetError as err:
-                    self.state.refused += 1
-                    self.state.consecutive_refused += 1
-                    self.logger.record(
-                        {"meta_step": self.state.meta_step, "event": "refused_task", "reason": str(err)}
-                    )
-                    if self.state.consecutive_refused >= self.meta.max_refused:
-                        raise MetaTrainingError(
-                            f"{self.state.consecutive_refused} sampled tasks in a row exceed the memory budget "
-                            f"(last: {err}); raise meta.memory_budget_mb or shorten unrolls/horizons"
-                        ) from None
-                    continue
-            self.state.consecutive_refused = 0
-            if not self.context.owns(slot):
-                return None
-            task = build_task(spec, self.device)
-            run = start_run(task, self.controller, self.meta.valid_batch_size)
-            if skip:
-                result = unroll(
-                    self.controller, run, skip, differentiable=False, objective_every=max(1, skip)
-                )
-                self.state.pending_guard_events += (
-                    result.alarms
-                )  # reported with the next meta-step's counters
-                run = result.run
-            return run
+        try:
+            return TaskPool(
+                self.sampler, self.meta, self.controller, self.estimator, self.context, self.device, record, self.state
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
-    def _check_memory(self, spec: TaskSpec) -> None:
-        differentiable = self.meta.estimator in BACKPROP_ESTIMATORS
-        length = spec.steps if self.meta.estimator == "full" else self.meta.unroll_length
-        particles = 2 * self.meta.es_pairs + 1 if not differentiable else 1
-        run = start_run(build_task(spec, self.device), self.controller, self.meta.valid_batch_size)
-        estimate = estimate_unroll_bytes(
-            self.controller, run, length, differentiable, particles, self.meta.valid_every
-        )
-        check_memory_budget(
-            estimate, self.meta.memory_budget_mb, f"task {spec.label} (unroll of {length} steps)"
-        )
+    @property
+    def meta_optimizer(self) -> torch.optim.Optimizer:
+        return self.outer.optimizer
 
     # -- one meta-step --------------------------------------------------------------------------------------
 
     def step(self) -> dict[str, Any]:
         """One meta-step over the meta-batch; returns the per-step statistics."""
-        meta, state = self.meta, self.state
-        meta_step = state.meta_step
-        length = self.schedule(meta_step)
-        params = list(self.controller.parameters())
-        summed = [torch.zeros_like(p) for p in params]
+        meta, state, pool = self.meta, self.state, self.pool
+        length = self.schedule(state.meta_step)
+        summed = [torch.zeros_like(p) for p in self.outer.params]
         totals = StepTotals(guard_events=float(state.pending_guard_events))
-        flags = torch.zeros(meta.meta_batch, dtype=torch.float64)
+        flags = [False] * meta.meta_batch
         state.pending_guard_events = 0
-        for slot, run in enumerate(self.runs):
-            if run is None:
-                continue
+        for slots in pool.populations():
+            seeds = [noise_seed(self.config.seed, state.meta_step, slot) for slot in slots]
+            runs = [pool.runs[slot] for slot in slots]
             try:
-                estimate = self.estimator(
-                    self.controller,
-                    run,
-                    length,
-                    seed=noise_seed(self.config.seed, meta_step, slot),
-                    state=self.estimator_states[slot],
-                )
+                estimates = self.estimator.many(self.controller, runs, length, seeds, [pool.states[s] for s in slots])  # type: ignore[arg-type]
             except EstimatorError as err:
                 raise MetaTrainingError(str(err)) from None
-            finite = math.isfinite(estimate.meta_loss) and all(
-                bool(torch.isfinite(g).all()) for g in estimate.grads
-            )
-            totals = totals._replace(guard_events=totals.guard_events + estimate.alarms)
-            if not finite:
-                totals = totals._replace(skipped=totals.skipped + 1)
-                flags[slot] = 1
-                continue
-            torch._foreach_add_(summed, list(estimate.grads))
-            base_lr = run.task.spec.base_lr
-            totals = totals._replace(
-                used=totals.used + 1,
-                grad_sq_sum=totals.grad_sq_sum + sum(float(g.double().square().sum()) for g in estimate.grads),
-                meta_loss_sum=totals.meta_loss_sum + estimate.meta_loss,
-                lr_ratio_sum=totals.lr_ratio_sum + sum(lr / base_lr for lr in estimate.lrs),
-                lr_count=totals.lr_count + len(estimate.lrs),
-            )
-            self.runs[slot] = estimate.run
-            self.estimator_states[slot] = estimate.state
-            if estimate.run.done:
-                flags[slot] = 1
-        packed = torch.cat([*(g.reshape(-1).double().cpu() for g in summed), torch.tensor(totals, dtype=torch.float64), flags])
-        if self.context.world_size > 1:
-            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            packed = all_reduce_sum(packed.to(device), self.context).cpu()
-        offset = 0
-        for g, p in zip(summed, params, strict=True):
-            g.copy_(packed[offset : offset + p.numel()].reshape(p.shape).to(g.dtype))
-            offset += p.numel()
-        totals = StepTotals(*packed[offset : offset + len(StepTotals._fields)].tolist())
-        flags = packed[offset + len(StepTotals._fields) :]
-        used = int(totals.used)
+            for slot, run, estimate in zip(slots, runs, estimates, strict=True):
+                totals = totals._replace(guard_events=totals.guard_events + estimate.alarms)
+                if not (math.isfinite(estimate.meta_loss) and all(bool(torch.isfinite(g).all()) for g in estimate.grads)):
+                    totals = totals._replace(skipped=totals.skipped + 1)
+                    flags[slot] = True
+                    continue
+                torch._foreach_add_(summed, list(estimate.grads))
+                base_lr = run.task.spec.base_lr  # type: ignore[union-attr]
+                totals = totals._replace(
+                    used=totals.used + 1,
+                    grad_sq_sum=totals.grad_sq_sum + sum(float(g.double().square().sum()) for g in estimate.grads),
+                    meta_loss_sum=totals.meta_loss_sum + estimate.meta_loss,
+                    lr_ratio_sum=totals.lr_ratio_sum + sum(lr / base_lr for lr in estimate.lrs),
+                    lr_count=totals.lr_count + len(estimate.lrs),
+                )
+                pool.runs[slot], pool.states[slot] = estimate.run, estimate.state
+                flags[slot] = estimate.run.done
+        summed, totals, flags = all_reduce_step(summed, totals, flags, self.context)
         state.attempted += meta.meta_batch
         state.skipped += int(totals.skipped)
         state.guard_events += int(totals.guard_events)
         # Counted before the refills, so their events (refused tasks) carry this step's number and a resume
         # from an earlier state drops them with the rest of the replayed steps' records.
         state.meta_step += 1
-        # Refill finished or diverged slots in slot order, identically on every worker.
-        for slot in range(meta.meta_batch):
-            if flags[slot] > 0:
-                self.runs[slot] = self._fill(slot, offset=False)
-                self.estimator_states[slot] = ()
+        pool.refill(flags)
         if state.attempted >= 10 and state.skipped / state.attempted > meta.max_skip_fraction:
             raise MetaTrainingError(
                 f"{state.skipped} of {state.attempted} truncations had a non-finite meta-loss or meta-gradient "
                 f"(more than max_skip_fraction={meta.max_skip_fraction}); lower the base-LR ranges or the meta_lr"
             )
-        grad_norm = variance = 0.0
-        if used:
-            mean = [g / used for g in summed]
-            variance = max(
-                0.0, totals.grad_sq_sum / used - sum(float(g.double().square().sum()) for g in mean)
-            )
-            for p, g in zip(params, mean, strict=True):
-                p.grad = g
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, meta.meta_grad_clip))
-            self.meta_optimizer.step()
-            self.meta_optimizer.zero_grad(set_to_none=True)
+        grad_norm, variance = self.outer.update(summed, totals)
+        if totals.used:
             state.window_sum += totals.meta_loss_sum
-            state.window_count += used
+            state.window_count += int(totals.used)
         state.window_lr_sum += totals.lr_ratio_sum
         state.window_lr_count += int(totals.lr_count)
         return {"meta_grad_norm": grad_norm, "estimator_variance": variance, "truncation_length": length}
@@ -510,8 +334,8 @@ class MetaTrainer:
         table.put("rng.torch", torch.get_rng_state())
         table.put("rng.sampler", self.sampler.generator.get_state())
         runs = {
-            str(slot): put_run(table, f"run.{slot}", run, self.estimator_states[slot])
-            for slot, run in enumerate(self.runs)
+            str(slot): put_run(table, f"run.{slot}", run, self.pool.states[slot])
+            for slot, run in enumerate(self.pool.runs)
             if run is not None
         }
         record = {
@@ -543,7 +367,7 @@ class MetaTrainer:
         self.probe_best_lrs = list(record["probe_best_lrs"])
         for slot_key, run_record in record["runs"].items():
             slot = int(slot_key)
-            self.runs[slot], self.estimator_states[slot] = get_run(
+            self.pool.runs[slot], self.pool.states[slot] = get_run(
                 table, f"run.{slot}", run_record, self.controller, self.device, self.estimator
             )
         self.logger.truncate_after(self.state.meta_step)
@@ -633,6 +457,7 @@ def meta_train(
 
 __all__ = [
     "MetaTrainer",
+    "best_constant_lr",
     "MetaTrainingError",
     "TaskSampler",
     "build_controller",

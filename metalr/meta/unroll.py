@@ -499,15 +499,20 @@ def _unroll(
     def objective(params: Tensors, batch: Any, clock: Clock) -> Tensor:
         return torch.log(template.task.loss(template.model_call(params), batch) / clock.initial_valid_loss)
 
+    # One vmap level: over particles, over members, or over members x particles flattened into M * P lanes
+    # (member-major), where each member's batch and clock are repeated for its particles. Nested vmaps
+    # would work in principle, but some losses' batching rules (mse_loss) fail on mixed levels.
+    repeat = particles if population and particles else 1
     advance_fn, objective_fn = advance, objective
-    if particles:  # particles of one task share its batches and clock
+    if particles and not population:  # particles of one task share its batches and clock
         advance_fn = torch.func.vmap(advance_fn, in_dims=(0, 0, None, None), randomness="same")
         objective_fn = torch.func.vmap(objective_fn, in_dims=(0, None, None), randomness="same")
-    if population:  # members have their own batches and clocks
-        theta_dim = 0 if theta is not None else None
-        advance_fn = torch.func.vmap(advance_fn, in_dims=(theta_dim, 0, 0, 0), randomness="same")
+    if population:  # every lane has its own batch and clock
+        advance_fn = torch.func.vmap(advance_fn, in_dims=(0 if theta is not None else None, 0, 0, 0), randomness="same")
         objective_fn = torch.func.vmap(objective_fn, in_dims=(0, 0, 0), randomness="same")
         carry = stack_trees([m.carry for m in members])
+        if repeat > 1:
+            carry, theta = tree_map(lambda t: t.flatten(0, 1), (carry, theta))
         like = template.params[0] if template.params else torch.zeros(())
         columns = list(zip(*(m.clock for m in members), strict=True))
         # step and steps are whole numbers (exact in float32, the dtype the base schedule gets for a single
@@ -516,12 +521,15 @@ def _unroll(
             *(torch.tensor(c, dtype=torch.float32, device=like.device) for c in columns[:2]),
             *(torch.tensor(c, dtype=like.dtype, device=like.device) for c in columns[2:]),
         )
+        clock = tree_map(lambda t: t.repeat_interleave(repeat, 0), clock)
     else:
         carry, clock = template.carry, template.clock
 
     def next_batch(stream: str) -> Any:
         batches = [next(getattr(m, stream)) for m in members]
-        return stack_trees(batches) if population else batches[0]
+        if not population:
+            return batches[0]
+        return tree_map(lambda t: t.repeat_interleave(repeat, 0), stack_trees(batches)) if repeat > 1 else stack_trees(batches)
 
     terms: list[Tensor] = []
     lrs: list[Tensor] = []
@@ -543,11 +551,13 @@ def _unroll(
             if (k + 1) % objective_every == 0 or k == steps - 1:
                 terms.append(objective_fn(carry.params, next_batch("valid_stream"), clock))
         if population:
+            if repeat > 1:
+                carry = tree_map(lambda t: t.unflatten(0, (len(members), repeat)), carry)
             after = [replace(m, step=m.step + steps).with_carry(index_tree(carry, i)) for i, m in enumerate(members)]
         else:
             after = [stepper.end(template.with_carry(carry), steps)]
     shape = ((len(members),) if population else ()) + ((particles,) if particles else ())
-    meta_loss = torch.stack(terms).mean(0) if terms else torch.zeros(shape)
+    meta_loss = torch.stack(terms).mean(0).reshape(shape) if terms else torch.zeros(shape)
     if not population:
         meta_loss = meta_loss.unsqueeze(0)
     if not steps:

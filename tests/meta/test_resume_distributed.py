@@ -137,11 +137,13 @@ def _worker(rank: int, world_size: int, init_file: str, out: str, config: dict) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+@pytest.mark.parametrize("estimator", ["tbptt", "pes", "pes-population"])
 def test_two_gloo_workers_match_one_process(tmp_path: Path, estimator: str) -> None:
     from metalr.meta.trainer import meta_train
 
-    config = _distributed_config(estimator)
+    config = _distributed_config(estimator.split("-")[0])
+    if estimator.endswith("population"):  # two populations of 2 tasks: one per worker
+        config["meta"]["population"] = 2
     single = meta_train(build_config(MetaTrainConfig, config), tmp_path / "one", progress=False)
     torch.multiprocessing.spawn(
         _worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), config), nprocs=2, join=True

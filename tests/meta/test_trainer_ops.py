@@ -207,3 +207,45 @@ def test_validation_and_probe_tasks_follow_the_recipe_overrides(tmp_path: Path) 
     specs = trainer.valid_specs + trainer.probe_specs
     assert {s.family for s in trainer.valid_specs} == {"logistic_regression"}  # the embedded meta_valid
     assert specs and all(s.optimizer == "adam" and 1e-3 <= s.base_lr <= 2e-3 and 20 <= s.steps <= 30 for s in specs)
+
+
+def _population_config(vectorize: bool) -> MetaTrainConfig:
+    return _config(
+        {"estimator": "pes", "es_pairs": 2, "population": 2, "meta_batch": 4, "vectorize": vectorize, "meta_steps": 3},
+        train_overrides={"steps": [10, 14]},  # populations finish and are drawn anew within the run
+    )
+
+
+def test_populations_share_an_architecture_and_train_like_separate_slots(tmp_path: Path) -> None:
+    from metalr.meta.trainer import MetaTrainer
+    from metalr.meta.unroll import population_key
+
+    trainer = MetaTrainer(_population_config(True), tmp_path / "v", progress=False)
+    runs = trainer.pool.runs
+    assert [population_key(r) for r in runs[:2]] == [population_key(runs[0])] * 2  # type: ignore[arg-type]
+    first, second = (r.task.spec for r in runs[:2])  # type: ignore[union-attr]
+    assert first.seed != second.seed and first.base_lr != second.base_lr
+    vectorised = trainer.train()
+    sequential = meta_train(_population_config(False), tmp_path / "s", progress=False)
+    for a, b in zip(vectorised.parameters(), sequential.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(r["skipped_truncations"] == 0 for r in _records(tmp_path / "v"))
+
+
+def test_a_non_finite_member_is_replaced_at_its_populations_step(tmp_path: Path) -> None:
+    from metalr.meta.trainer import MetaTrainer
+
+    trainer = MetaTrainer(_population_config(True), tmp_path, progress=False)
+    trainer.step()
+    pool = trainer.pool
+    kept, replaced = pool.runs[0], pool.runs[1]
+    pool.refill([False, True, False, False])
+    assert pool.runs[0] is kept and pool.runs[1] is not replaced
+    assert pool.runs[1].step == kept.step and pool.runs[1].task.spec.seed != replaced.task.spec.seed  # type: ignore[union-attr]
+    assert pool.states[1] == ()
+    trainer.step()  # the population still vmaps as one
+
+
+def test_meta_batch_must_split_into_populations() -> None:
+    with pytest.raises(ConfigError, match="multiple of population=3"):
+        build_config(MetaTrainConfig, {"name": "x", "meta": {"meta_batch": 4, "population": 3}})

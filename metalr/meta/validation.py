@@ -1,0 +1,62 @@
+"""Scoring a frozen controller on whole training runs: meta-validation, probes, the best constant LR."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from metalr.config import ControllerConfig
+from metalr.controller import ArchConfig, LRController, PolicyConfig
+from metalr.features import FeatureSpec
+from metalr.meta.unroll import start_run, unroll
+from metalr.tasks import TaskSpec, build_task
+
+
+def build_controller(config: ControllerConfig) -> LRController:
+    """A fresh controller as a recipe describes it."""
+    spec = FeatureSpec(groups=tuple(config.features), guard_ratio=config.guard_ratio)
+    policy = PolicyConfig(
+        min_lr=config.min_lr,
+        max_lr=config.max_lr,
+        min_factor=config.min_factor,
+        max_factor=config.max_factor,
+        max_log_step=config.max_log_step,
+        base_schedule=config.base_schedule,
+        guard_cut=config.guard_cut,
+    )
+    return LRController(spec, policy, ArchConfig(kind=config.kind, hidden=tuple(config.hidden)))
+
+
+def rollout_score(controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10) -> float:
+    """Meta-objective of a whole training run under a frozen controller (no meta-gradient)."""
+    return rollout(controller, spec, device, every)[0]
+
+
+def rollout(
+    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10
+) -> tuple[float, list[float]]:
+    """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10."""
+    run = start_run(build_task(spec, device), controller)
+    result = unroll(controller, run, spec.steps, differentiable=False, objective_every=every)
+    value = float(result.meta_loss)
+    return (value if math.isfinite(value) else 10.0), result.lrs
+
+
+def meta_validate(controller: LRController, specs: list[TaskSpec], device: str = "cpu") -> float:
+    """Mean full-horizon meta-objective over validation tasks (lower is better)."""
+    return sum(rollout_score(controller, s, device) for s in specs) / max(1, len(specs))
+
+
+def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device: str = "cpu") -> float:
+    """The best constant LR for ``spec`` on a grid of base_lr x 2^k, k = -4..4 (full-horizon meta-objective).
+
+    An untrained controller with the guardrail off is exactly a constant schedule at its base LR.
+    """
+    constant = build_controller(replace(controller_config, base_schedule="constant", guard_cut=1.0)).to(
+        device
+    )
+    scored = []
+    for k in range(-4, 5):
+        lr = min(controller_config.max_lr, max(controller_config.min_lr, spec.base_lr * 2.0**k))
+        scored.append((rollout_score(constant, spec.replace(base_lr=lr), device), lr))
+    return min(scored)[1]
