@@ -279,6 +279,14 @@ class _ESBase:
             )
         return out
 
+    def _noises(self, theta: dict[str, Tensor], seeds: Sequence[int]) -> list[list[dict[str, Tensor]]]:
+        """``es_pairs`` perturbations eps_j for each run, from that run's noise seed."""
+        noises = []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(seed)
+            noises.append([_noise(theta, self.config.es_sigma, generator) for _ in range(self.config.es_pairs)])
+        return noises
+
     def _assemble(self, controller: LRController, grad: dict[str, Tensor], finite: bool) -> tuple[Tensor, ...]:
         scale = 1.0 / (2 * self.config.es_pairs * self.config.es_sigma**2)
         return tuple(
@@ -326,10 +334,7 @@ class AntitheticES(_ESBase):
         states: Sequence[Any],
     ) -> list[Estimate]:
         theta = _trainable(controller)
-        noises = []
-        for seed in seeds:
-            generator = torch.Generator().manual_seed(seed)
-            noises.append([_noise(theta, self.config.es_sigma, generator) for _ in range(self.config.es_pairs)])
+        noises = self._noises(theta, seeds)
         thetas = [[theta, *_antithetic(theta, member)] for member in noises]
         carries = [_repeat(r.carry, len(thetas[0])) for r in runs]
         estimates = []
@@ -397,12 +402,11 @@ class PersistentES(_ESBase):
         pairs = self.config.es_pairs
         theta = _trainable(controller)
         states = [s if isinstance(s, PESState) else self.init(controller, r) for r, s in zip(runs, states, strict=True)]
-        noises, accumulated = [], []
-        for seed, state in zip(seeds, states, strict=True):
-            generator = torch.Generator().manual_seed(seed)
-            member = [_noise(theta, self.config.es_sigma, generator) for _ in range(pairs)]
-            noises.append(member)
-            accumulated.append({n: state.accumulated[n] + torch.stack([eps[n] for eps in member]) for n in theta})
+        noises = self._noises(theta, seeds)
+        accumulated = [
+            {n: state.accumulated[n] + torch.stack([eps[n] for eps in member]) for n in theta}
+            for member, state in zip(noises, states, strict=True)
+        ]
         thetas = [_antithetic(theta, member) for member in noises]
         outs = self._run_particles(controller, runs, [s.carry for s in states], thetas, length)
         estimates = []

@@ -53,7 +53,6 @@ class TaskSampler:
     def next_spec(self) -> TaskSpec:
         return self.families[self._next_index()].sample(self.generator)
 
-
     def next_population(self, size: int) -> list[TaskSpec]:
         """``size`` specs of one architecture: the first as :meth:`next_spec` draws it, the others with their
         own seed and a base LR from the family's range for the spec's optimizer."""
@@ -101,10 +100,6 @@ class TaskPool:
         record: Callable[[dict[str, Any]], None],
         counters: PoolCounters,
     ) -> None:
-        if meta.meta_batch % meta.population:
-            raise ValueError(
-                f"meta.meta_batch={meta.meta_batch} must be a multiple of meta.population={meta.population}"
-            )
         self.sampler, self.meta, self.controller, self.estimator = sampler, meta, controller, estimator
         self.context, self.device, self.record, self.counters = context, device, record, counters
         self.size = meta.population
@@ -126,7 +121,7 @@ class TaskPool:
     def fill_population(self, group: int, offset: bool) -> None:
         """Draw population ``group`` (every worker draws; the owner builds it), staggered when ``offset``."""
         while True:
-            specs = self.sampler.next_population(self.size) if self.size > 1 else [self.sampler.next_spec()]
+            specs = self.sampler.next_population(self.size)
             # Stagger the meta-batch: start at a random point of the horizon so tasks are not in lockstep.
             skip = int(torch.randint(specs[0].steps, (), generator=self.sampler.generator)) if offset else 0
             if self._fits(specs[0]):
@@ -148,9 +143,9 @@ class TaskPool:
             if len(flagged) == self.size:
                 self.fill_population(group, offset=False)
                 continue
+            template = next((self.runs[s] for s in self._slots(group) if not flags[s]), None)
             for slot in flagged:
                 draw = self.sampler.member_draw()
-                template = next(self.runs[s] for s in self._slots(group) if not flags[s])
                 if template is not None:  # this worker owns the population
                     self.runs[slot] = self._start(self.sampler.member_of(template.task.spec, draw), template.step)
                     self.states[slot] = ()

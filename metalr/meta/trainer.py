@@ -241,12 +241,9 @@ class MetaTrainer:
         def record(event: dict[str, Any]) -> None:
             self.logger.record({"meta_step": self.state.meta_step, **event})
 
-        try:
-            return TaskPool(
-                self.sampler, self.meta, self.controller, self.estimator, self.context, self.device, record, self.state
-            )
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        return TaskPool(
+            self.sampler, self.meta, self.controller, self.estimator, self.context, self.device, record, self.state
+        )
 
     @property
     def meta_optimizer(self) -> torch.optim.Optimizer:
@@ -364,6 +361,7 @@ class MetaTrainer:
         self.sampler.generator.set_state(table.get("rng.sampler"))
         get_optimizer(table, "meta_optimizer", record["optimizer"], self.meta_optimizer)
         self.state = LoopState(**record["loop"])
+        self.pool.counters = self.state  # the pool counts refusals and staggering guard events into it
         self.probe_best_lrs = list(record["probe_best_lrs"])
         for slot_key, run_record in record["runs"].items():
             slot = int(slot_key)

@@ -311,7 +311,7 @@ def extra_observations(
         "validation" in groups
         and run.inner_valid_stream is not None
         and valid_every > 0
-        and run.step % valid_every == 0
+        and int(clock.step) % valid_every == 0
     ):
         valid_loss = run.task.loss(run.model_call(params), next(run.inner_valid_stream))
     task = run.task
@@ -432,8 +432,19 @@ def unroll(
             result's ``meta_loss`` has shape ``[P]`` (``lrs``/``train_losses`` follow particle 0, ``alarms``
             sums over particles). Needs ``differentiable=False`` and the native backend.
     """
-    options = (differentiable, detach_features, objective_every, valid_every, theta, backend, particles)
-    return _unroll(controller, [run], False, length, *options)[0]
+    return _unroll(
+        controller,
+        [run],
+        length,
+        population=False,
+        differentiable=differentiable,
+        detach_features=detach_features,
+        objective_every=objective_every,
+        valid_every=valid_every,
+        theta=theta,
+        backend=backend,
+        particles=particles,
+    )[0]
 
 
 def unroll_population(
@@ -454,15 +465,27 @@ def unroll_population(
     """
     if not runs:
         return []
-    options = (False, False, objective_every, valid_every, theta, NATIVE, particles)
-    return _unroll(controller, list(runs), True, length, *options)
+    return _unroll(
+        controller,
+        list(runs),
+        length,
+        population=True,
+        differentiable=False,
+        detach_features=False,
+        objective_every=objective_every,
+        valid_every=valid_every,
+        theta=theta,
+        backend=NATIVE,
+        particles=particles,
+    )
 
 
 def _unroll(
     controller: LRController,
     runs: list[InnerRun],
-    population: bool,
     length: int,
+    *,
+    population: bool,
     differentiable: bool,
     detach_features: bool,
     objective_every: int,
@@ -529,7 +552,8 @@ def _unroll(
         batches = [next(getattr(m, stream)) for m in members]
         if not population:
             return batches[0]
-        return tree_map(lambda t: t.repeat_interleave(repeat, 0), stack_trees(batches)) if repeat > 1 else stack_trees(batches)
+        stacked = stack_trees(batches)
+        return tree_map(lambda t: t.repeat_interleave(repeat, 0), stacked) if repeat > 1 else stacked
 
     terms: list[Tensor] = []
     lrs: list[Tensor] = []
@@ -542,7 +566,6 @@ def _unroll(
         for k in range(steps):
             carry, lr, loss, alarm = advance_fn(theta, carry, next_batch("train_stream"), clock)
             clock = clock.tick()
-            template = replace(template, step=template.step + 1)
             if not (differentiable or graph_free):
                 carry = detach_tree(carry)
             lrs.append(lr.detach())
@@ -555,7 +578,7 @@ def _unroll(
                 carry = tree_map(lambda t: t.unflatten(0, (len(members), repeat)), carry)
             after = [replace(m, step=m.step + steps).with_carry(index_tree(carry, i)) for i, m in enumerate(members)]
         else:
-            after = [stepper.end(template.with_carry(carry), steps)]
+            after = [stepper.end(replace(template, step=template.step + steps).with_carry(carry), steps)]
     shape = ((len(members),) if population else ()) + ((particles,) if particles else ())
     meta_loss = torch.stack(terms).mean(0).reshape(shape) if terms else torch.zeros(shape)
     if not population:

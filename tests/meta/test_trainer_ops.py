@@ -4,6 +4,7 @@ in-process resume."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,19 @@ def test_resume_continues_bit_identically_and_rewrites_no_duplicate_records(tmp_
     assert [r["meta_loss"] for r in _records(tmp_path / "a")] == [
         r["meta_loss"] for r in _records(tmp_path / "b")
     ]
+
+
+def test_a_resumed_pool_counts_into_the_resumed_loop_state(tmp_path: Path) -> None:
+    """The task pool's refusal and guard-event counters are the loop state's, also after a resume
+    replaced that state with the saved one (they would otherwise go to a discarded object)."""
+    from metalr.meta.trainer import MetaTrainer
+
+    config = _config({"meta_steps": 2, "state_every": 1})
+    meta_train(config, tmp_path, progress=False)
+    trainer = MetaTrainer(replace(config, meta=replace(config.meta, meta_steps=3)), tmp_path, progress=False, resume=True)
+    assert trainer.state.meta_step == 2
+    trainer.pool.counters.refused += 1
+    assert trainer.state.refused == 1
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
