@@ -154,15 +154,25 @@ def test_pes_particles_persist_and_accumulate_noise() -> None:
     assert not torch.equal(plus, minus)
 
 
-@pytest.mark.parametrize("name", ["es", "pes"])
-def test_vectorised_and_sequential_particles_agree_in_float64(name: str) -> None:
-    """One vmap-ed unroll of all particles = the particles unrolled one after another (same noise, same tasks)."""
+def _float64_controller() -> LRController:
+    """A float64 controller on a cosine base whose head is not zero (so perturbations change its LRs)."""
     torch.manual_seed(0)
     controller = LRController(policy=PolicyConfig(base_schedule="cosine")).double()
     with torch.no_grad():
         controller.net.head.weight.normal_(0, 0.3)
+    return controller
+
+
+def _wine_spec() -> TaskSpec:
     spec = create_task_family("wine_mlp").sample(torch.Generator().manual_seed(2))
-    spec = spec.replace(optimizer="adam", base_lr=1e-2, steps=40)
+    return spec.replace(optimizer="adam", base_lr=1e-2, steps=40)
+
+
+@pytest.mark.parametrize("name", ["es", "pes"])
+def test_vectorised_and_sequential_particles_agree_in_float64(name: str) -> None:
+    """One vmap-ed unroll of all particles = the particles unrolled one after another (same noise, same tasks)."""
+    controller = _float64_controller()
+    spec = _wine_spec()
     results = {}
     for vectorize in (True, False):
         estimator = create_estimator(MetaConfig(estimator=name, es_pairs=3, es_sigma=0.05, vectorize=vectorize))
@@ -208,8 +218,7 @@ def test_truncation_schedules() -> None:
 
 def _population(controller: LRController, size: int) -> list[InnerRun]:
     """``size`` wine-MLP tasks of one architecture: different seeds (data order, init) and base LRs."""
-    spec = create_task_family("wine_mlp").sample(torch.Generator().manual_seed(2))
-    spec = spec.replace(optimizer="adam", base_lr=1e-2, steps=40)
+    spec = _wine_spec()
     specs = [spec.replace(seed=spec.seed + m, base_lr=spec.base_lr * 2.0**m) for m in range(size)]
     return [start_run(build_task(s), controller, valid_batch_size=32, dtype=torch.float64) for s in specs]
 
@@ -217,10 +226,7 @@ def _population(controller: LRController, size: int) -> list[InnerRun]:
 @pytest.mark.parametrize("name", ["es", "pes"])
 def test_a_vectorised_population_agrees_with_its_members_estimated_one_by_one_in_float64(name: str) -> None:
     """One vmap over members x particles = every member's particles unrolled one after another."""
-    torch.manual_seed(0)
-    controller = LRController(policy=PolicyConfig(base_schedule="cosine")).double()
-    with torch.no_grad():
-        controller.net.head.weight.normal_(0, 0.3)
+    controller = _float64_controller()
     results = {}
     for vectorize in (True, False):
         estimator = create_estimator(MetaConfig(estimator=name, es_pairs=2, es_sigma=0.05, vectorize=vectorize))
