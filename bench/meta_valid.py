@@ -1,0 +1,50 @@
+"""Meta-valid score of checkpoints on one recipe's sample of validation tasks, the trainer's own scoring.
+
+    METALR_DATA_DIR=../shared/data .venv/bin/python bench/meta_valid.py meta_train/adam-cpu.yaml --sample-seed 0 \\
+        checkpoints/adam-cpu.safetensors runs/adam-cpu-seed1/best.safetensors untrained
+
+A run's meta-valid sample is drawn from its recipe seed (``sample_specs(meta_valid, 2, seed + 1)``), so runs
+of different seeds are scored on different tasks; scoring every checkpoint on one seed's sample makes them
+comparable. ``untrained`` is the controller the trainer starts from with that seed (plain base schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from metalr.checkpoint import load_controller  # noqa: E402
+from metalr.meta.recipe import load_recipe  # noqa: E402
+from metalr.meta.trainer import build_controller, meta_validate, train_entries  # noqa: E402
+from metalr.tasks import load_suite  # noqa: E402
+from metalr.tasks.registry import sample_specs  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("controllers", nargs="+", help="checkpoint paths or shipped names, or 'untrained'")
+    parser.add_argument("--sample-seed", type=int, default=0, help="the recipe seed whose meta-valid sample to use")
+    args = parser.parse_args()
+    config = load_recipe(args.recipe, [f"seed={args.sample_seed}"])
+    specs = sample_specs(train_entries(config, load_suite(config.suite).meta_valid), 2, args.sample_seed + 1)
+    print(f"meta-valid sample (recipe seed {args.sample_seed}): {', '.join(s.label for s in specs)}")
+    for name in args.controllers:
+        if name == "untrained":
+            torch.manual_seed(args.sample_seed)  # as the trainer initialises it
+            controller = build_controller(config.controller)
+        else:
+            controller = load_controller(name)
+        start = time.perf_counter()
+        score = meta_validate(controller, specs)
+        print(f"{name}: {score:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
