@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+Tensors = tuple[Tensor, ...]
+
 FEATURE_FORMAT = 2
 """Version of the feature definitions below; a checkpoint records the version it was trained with."""
 
@@ -248,18 +250,18 @@ class Observation(NamedTuple):
         grads: Sequence[Tensor],
         params_before: Sequence[Tensor],
         params_after: Sequence[Tensor],
-        prev_update: Tensor,
+        prev_update: Sequence[Tensor],
         lr: Tensor,
         lr_rel: Tensor,
         total_steps: Tensor,
         valid_loss: Tensor | None = None,
         entropy: Tensor | None = None,
         budget_used: Tensor | None = None,
-    ) -> tuple[Observation, Tensor]:
+    ) -> tuple[Observation, Tensors]:
         """The observation of the step ``params_before -> params_after``, and its update ``u_t``.
 
-        ``prev_update`` is ``u_{t-1}`` as a flat vector over all parameters (zeros at the first step); the
-        returned update has the same layout. Unset optional values are NaN (not measured).
+        ``prev_update`` is ``u_{t-1}``, one tensor per parameter (zeros at the first step); the returned
+        update has the same layout. Unset optional values are NaN (not measured).
         """
         like = torch.zeros((), dtype=_scalar_dtype(loss), device=loss.device)
         reductions, update = step_reductions(grads, params_before, params_after, prev_update, like)
@@ -303,31 +305,34 @@ def global_norm_sq(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
     return torch.stack(torch._foreach_norm(list(tensors))).to(like.dtype).square().sum()
 
 
-def _flat(tensors: Sequence[Tensor], like: Tensor) -> Tensor:
-    if len(tensors) == 0:
-        return torch.zeros(0, dtype=like.dtype, device=like.device)
-    return torch.cat([t.reshape(-1) for t in tensors])
+def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """``sum_i x_i . y_i`` over matching lists of tensors, without concatenating them into flat copies."""
+    return torch.stack([(x * y).sum() for x, y in zip(xs, ys, strict=True)]).sum()
 
 
 def step_reductions(
     grads: Sequence[Tensor],
     params_before: Sequence[Tensor],
     params_after: Sequence[Tensor],
-    prev_update: Tensor,
+    prev_update: Sequence[Tensor],
     like: Tensor,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensors]:
     """The reductions an :class:`Observation` needs, and the update ``u_t`` (the unroll's reference path).
 
-    ``prev_update`` and the returned update are flat vectors over all parameters (one buffer). Returns
-    ``(stacked, update)``, ``stacked`` holding ``REDUCTIONS`` in order. Dot products of flat vectors: a few
-    ops whatever the number of tensors, differentiable, and ``vmap``-able (the ``_foreach`` kernels are not).
-    ``LearnedLR`` computes the same numbers in place around ``optimizer.step()`` (one persistent buffer, no
-    temporaries); the parity tests check the two agree.
+    ``prev_update`` and the returned update are per-parameter tensors shaped like the parameters. Returns
+    ``(stacked, update)``, ``stacked`` holding ``REDUCTIONS`` in order. One dot product per tensor and
+    reduction, stacked and summed: no flat copies of the parameters (each would be a pass over memory the
+    size of the model, which is what bounds a vmapped step), differentiable, and ``vmap``-able (the
+    ``_foreach`` kernels are not). ``LearnedLR`` computes the same numbers in place around
+    ``optimizer.step()`` (one persistent buffer, no temporaries); the parity tests check the two agree.
     """
-    grad = _flat(grads, like)
-    after = _flat(params_after, like)
-    update = _flat(params_before, like) - after
-    dots = torch.stack([grad @ grad, after @ after, update @ update, grad @ prev_update.to(grad.dtype)])
+    if len(grads) == 0:
+        return torch.zeros(len(REDUCTIONS), dtype=like.dtype, device=like.device), ()
+    update = tuple(b - a for b, a in zip(params_before, params_after, strict=True))
+    previous = tuple(u.to(g.dtype) for u, g in zip(prev_update, grads, strict=True))
+    dots = torch.stack(
+        [_dot(grads, grads), _dot(params_after, params_after), _dot(update, update), _dot(grads, previous)]
+    )
     return dots.to(like.dtype), update
 
 

@@ -14,7 +14,7 @@ from metalr.features import Observation
 def _obs(loss: float, params) -> Observation:
     grads = [torch.ones_like(p) for p in params]
     obs, _ = Observation.of_step(
-        torch.tensor(loss), grads, params, params, torch.zeros(sum(p.numel() for p in params)),
+        torch.tensor(loss), grads, params, params, tuple(torch.zeros_like(p) for p in params),
         lr=torch.tensor(0.1), lr_rel=torch.tensor(1.0), total_steps=torch.tensor(100.0),
     )
     return obs

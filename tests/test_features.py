@@ -27,7 +27,7 @@ class Trainer:
     def __init__(self, params: torch.Tensor, spec: FeatureSpec = ALL, total: int = 100) -> None:
         self.spec, self.total = spec, total
         self.params = params
-        self.prev_update = torch.zeros(params.numel(), dtype=params.dtype)
+        self.prev_update: tuple[torch.Tensor, ...] = (torch.zeros_like(params),)
         self.state: FeatureState = init_feature_state(spec, [params])
 
     def step(self, loss: float, grad: torch.Tensor, new_params: torch.Tensor, lr: float = 0.1, **extra: torch.Tensor) -> torch.Tensor:

@@ -60,19 +60,23 @@ def _adam(h: InnerHyper, decoupled_decay: float = 0.0) -> InnerOptimizer:
         return (torch.zeros((), dtype=params[0].dtype, device=params[0].device),) + zeros + zeros
 
     def update(grads: Tensors, state: Tensors, params: Tensors, lr: Tensor) -> tuple[Tensors, Tensors]:
+        # torch.optim.Adam's single-tensor arithmetic, op for op (lerp, addcmul, sqrt / sqrt(bc2) + eps,
+        # p - step * m / denom): every op is a pass over parameter-sized memory, which bounds a vmapped step.
         n = len(params)
         count, m, v = state[0] + 1, state[1 : 1 + n], state[1 + n :]
-        new_m = tuple(h.beta1 * mi + (1 - h.beta1) * g for mi, g in zip(m, grads, strict=True))
-        new_v = tuple(h.beta2 * vi + (1 - h.beta2) * g * g for vi, g in zip(v, grads, strict=True))
-        bc1 = 1 - h.beta1**count
-        bc2 = 1 - h.beta2**count
+        new_m = tuple(torch.lerp(mi, g, 1 - h.beta1) for mi, g in zip(m, grads, strict=True))
+        new_v = tuple(torch.addcmul(vi * h.beta2, g, g, value=1 - h.beta2) for vi, g in zip(v, grads, strict=True))
+        step_size = lr / (1 - h.beta1**count)
+        bc2_sqrt = (1 - h.beta2**count).sqrt()
         # sqrt has an infinite derivative at 0, and a parameter whose gradient is exactly zero (an embedding
         # row absent from every batch so far) has v = 0: its meta-gradient would be inf * 0 = NaN. Adding
         # the dtype's smallest normal number keeps the derivative finite and changes no value (it is ~1e-19
         # after the square root, far below eps).
         tiny = torch.finfo(params[0].dtype).tiny
+        if decoupled_decay:
+            params = tuple(p * (1 - lr * decoupled_decay) for p in params)
         new_params = tuple(
-            p * (1 - lr * decoupled_decay) - lr * (mi / bc1) / ((vi / bc2 + tiny).sqrt() + h.eps)
+            p - step_size * (mi / ((vi + tiny).sqrt() / bc2_sqrt + h.eps))
             for p, mi, vi in zip(params, new_m, new_v, strict=True)
         )
         return new_params, (count,) + new_m + new_v

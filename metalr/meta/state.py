@@ -32,7 +32,7 @@ from metalr.meta.estimators import Estimator
 from metalr.meta.unroll import InnerRun, start_run
 from metalr.tasks import TaskSpec, build_task
 
-STATE_FORMAT = 2  # 2: runs and estimator states as flattened pytrees (feature format 2)
+STATE_FORMAT = 3  # 2: runs and estimator states as flattened pytrees; 3: the previous update per parameter
 METADATA_KEY = "metalr_resume"
 _NAME = re.compile(r"^state-rank(\d+)-step(\d+)\.safetensors$")
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -60,7 +60,7 @@ class Carry(NamedTuple):
 
     params: Tensors
     opt_state: Tensors
-    prev_update: Tensor
+    prev_update: Tensors
     policy: PolicyState
 
 
@@ -78,9 +78,9 @@ class InnerRun:
     valid_stream: BatchStream
     initial_valid_loss: float
     optimizer: InnerOptimizer
-    # u_{t-1} = theta_{t-1} - theta_t flattened over all parameters: the one parameter-sized buffer the
-    # features read (zeros at step 0)
-    prev_update: Tensor = field(default_factory=lambda: torch.zeros(0))
+    # u_{t-1} = theta_{t-1} - theta_t, one tensor per parameter: the parameter-sized state the features
+    # read (zeros at step 0)
+    prev_update: Tensors = ()
     # inner_valid batches for the validation-gap feature (None: the task is never validated in the unroll)
     inner_valid_stream: BatchStream | None = None
 
@@ -186,9 +186,7 @@ def start_run(
         valid_stream=valid_stream,
         initial_valid_loss=1.0,
         optimizer=optimizer,
-        prev_update=torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        if params
-        else torch.zeros(0),
+        prev_update=tuple(torch.zeros_like(p) for p in params),
         inner_valid_stream=inner_valid,
     )
     with torch.no_grad():
@@ -338,10 +336,10 @@ def observe_step(
     valid_every: int,
     differentiable: bool,
     detach_features: bool,
-) -> tuple[PolicyState, Tensor]:
+) -> tuple[PolicyState, Tensors]:
     """Observe the step ``outcome`` (theta_t -> theta_{t+1}) at ``clock`` and advance ``run.policy``.
 
-    Returns ``(policy, update)``; ``update`` is u_t (flat), the next step's ``prev_update``.
+    Returns ``(policy, update)``; ``update`` is u_t (per parameter), the next step's ``prev_update``.
     """
     valid_loss, entropy, budget = extra_observations(controller, run, clock, outcome.params, outcome.output, valid_every)
     obs, update = Observation.of_step(

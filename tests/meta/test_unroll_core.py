@@ -8,6 +8,7 @@ import torch
 
 from metalr import LearnedLR, LRController, load_controller
 from metalr.config import MetaTrainConfig, build_config
+from metalr.meta.inner import make_inner_optimizer
 from metalr.meta.trainer import build_controller, meta_train, meta_validate, sample_specs
 from metalr.meta.unroll import start_run, unroll
 from metalr.tasks import TaskSpec, build_task
@@ -98,6 +99,33 @@ def _with_faults(task, spike_at: int | None, inf_at: int | None):
 
     task.loss_fn = loss_fn
     return task
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
+def test_the_functional_inner_optimizers_follow_torch_optim_step_for_step(optimizer: str) -> None:
+    """The unroll's optimizers are torch.optim's arithmetic (what a deployed controller drives), with LRs that
+    change every step and a gradient that is exactly zero in one coordinate (Adam's v = 0 case)."""
+    torch.manual_seed(0)
+    shapes = [(5, 3), (3,), (1,)]
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) for s in shapes] for _ in range(12)]
+    for g in grads:
+        g[0][0, 0] = 0.0
+    lrs = [0.1 * 1.3 ** (k % 5) for k in range(len(grads))]
+
+    inner = make_inner_optimizer(optimizer)
+    params, state = tuple(p.clone() for p in start), inner.init(tuple(start))
+    reference = [p.clone().requires_grad_(True) for p in start]
+    torch_optimizer = make_torch_optimizer(optimizer, reference, lrs[0])
+    for g, lr in zip(grads, lrs, strict=True):
+        params, state = inner.update(tuple(g), state, params, torch.tensor(lr, dtype=torch.float64))
+        for p, gi in zip(reference, g, strict=True):
+            p.grad = gi.clone()
+        torch_optimizer.param_groups[0]["lr"] = lr
+        torch_optimizer.step()
+    for ours, theirs in zip(params, reference, strict=True):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-15)
+    assert not torch.equal(params[0], start[0])
 
 
 @pytest.mark.parametrize("faults", [(None, None), (8, 24)], ids=["clean", "spike-then-inf"])
