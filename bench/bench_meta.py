@@ -411,10 +411,9 @@ def main() -> None:
         "* With 2 processes under heavy load, the scheduler gives the run two time slices among all runnable",
         "  processes instead of one, which can push the measured speed-up above 2x; on an idle machine expect",
         "  at most 2x minus the all-reduce and the duplicated task sampling.",
-        "* Slots are dealt round-robin (slot i to worker i mod 2, fixed so 1 and 2 workers see the same task",
-        "  samples); tasks differ in cost (a 3-layer 128-wide MLP vs a linear model), so a meta-step waits for the",
-        "  worker that drew the costlier tasks. With meta_batch 4 that imbalance alone caps the mean speed-up well",
-        "  below 2x; a larger meta-batch or cost-balanced slot assignment would raise it.",
+        "* A new population goes to the worker whose other populations took least time in their last",
+        "  truncation (`metalr/meta/pool.py::least_loaded`); a running one stays where its state is, so with",
+        "  meta_batch 4 a meta-step can still wait for the worker that holds the costlier tasks.",
     ]
     lines.append("")
     report = "\n".join(lines)

@@ -1,12 +1,13 @@
 """Multi-process meta-training with ``torch.distributed`` (``torchrun``; gloo on CPU, nccl on GPU).
 
 Every worker holds the same controller and meta-optimizer and draws the *same* task samples (the sampler
-is seeded identically everywhere); the meta-batch slots are dealt round-robin, slot ``i`` to worker
-``i % world_size``. After each meta-step the workers all-reduce one packed tensor - the summed
-meta-gradients plus the counters and "this slot needs a new task" flags - so every worker applies the
-identical update and refills the identical slots. Noise for ES/PES is seeded per (seed, meta-step, slot),
-never per worker, so 1 and 2 workers on the same task samples compute the same meta-gradients up to the
-order of floating-point summation.
+is seeded identically everywhere). Each population of the meta-batch is run by one worker: a new one goes
+to the worker whose other populations cost least by measured time (:func:`metalr.meta.pool.least_loaded`).
+After each meta-step the workers all-reduce one packed tensor - every slot's meta-gradient as its own row,
+the counters, the "this slot needs a new task" flags and the populations' measured seconds - so every worker
+applies the identical update, refills the identical slots and makes the identical assignment. Noise for
+ES/PES is seeded per (seed, meta-step, slot), never per worker, and the rows are summed in slot order, so 1
+and 2 workers on the same task samples end with bit-identical controllers.
 
 Launch::
 

@@ -1,7 +1,7 @@
 """The outer learner: combine the meta-batch's estimates, all-reduce them, and update the controller.
 
-:class:`StepTotals` names the per-meta-step statistics; :func:`all_reduce_step` sums gradients, totals and
-refill flags over workers in one collective; :class:`OuterLearner` skips nothing itself (non-finite
+:class:`StepTotals` names the per-meta-step statistics; :func:`all_reduce_step` sums gradients, totals,
+refill flags and population costs over workers in one collective; :class:`OuterLearner` skips nothing itself (non-finite
 estimates never reach it), averages, clips and takes an Adam step on the controller's parameters.
 """
 
@@ -27,27 +27,56 @@ class StepTotals(NamedTuple):
     lr_count: float = 0.0
 
 
+class StepResult(NamedTuple):
+    """A meta-step's all-reduced outcome: the summed meta-gradient, totals, refill flags and costs."""
+
+    summed: list[Tensor]  # sum over the slots' finite meta-gradients, shaped like the controller's parameters
+    totals: StepTotals
+    flags: list[bool]  # per slot: needs a new task (done or non-finite)
+    costs: list[float]  # per population: seconds its owner spent on its estimate
+
+
 def all_reduce_step(
-    summed: list[Tensor], totals: StepTotals, flags: list[bool], context: WorkerContext
-) -> tuple[list[Tensor], StepTotals, list[bool]]:
-    """Sum gradients, totals and refill flags over all workers (one collective; identity for one worker)."""
-    if context.world_size == 1:
-        return summed, totals, flags
-    packed = torch.cat(
-        [
-            *(g.reshape(-1).double().cpu() for g in summed),
-            torch.tensor(totals, dtype=torch.float64),
-            torch.tensor(flags, dtype=torch.float64),
-        ]
-    )
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    packed = all_reduce_sum(packed.to(device), context).cpu()
-    grads, offset = [], 0
-    for g in summed:
-        grads.append(packed[offset : offset + g.numel()].reshape(g.shape).to(device=g.device, dtype=g.dtype))
-        offset += g.numel()
-    reduced = StepTotals(*packed[offset : offset + len(StepTotals._fields)].tolist())
-    return grads, reduced, [x > 0 for x in packed[offset + len(StepTotals._fields) :].tolist()]
+    slot_grads: list[list[Tensor] | None],
+    like: list[Tensor],
+    totals: StepTotals,
+    flags: list[bool],
+    costs: list[float],
+    context: WorkerContext,
+) -> StepResult:
+    """Sum a meta-step's results over all workers (one collective; none for one worker).
+
+    ``slot_grads[i]`` is slot ``i``'s meta-gradient on the worker that ran it (``None`` elsewhere, and for a
+    skipped slot). The gradients travel as the rows of one float64 matrix, zero where a worker did not run
+    the slot (exact: adding zeros rounds nothing), and every worker sums the rows in slot order. So the
+    meta-gradient is bit-for-bit the same for any number of workers and any assignment of slots to workers.
+    """
+    size = sum(t.numel() for t in like)
+    rows = torch.zeros(len(slot_grads), size, dtype=torch.float64)
+    for i, grads in enumerate(slot_grads):
+        if grads is not None:
+            rows[i] = torch.cat([g.reshape(-1).detach().to("cpu", torch.float64) for g in grads])
+    if context.world_size > 1:
+        packed = torch.cat(
+            [
+                rows.reshape(-1),
+                torch.tensor(totals, dtype=torch.float64),
+                torch.tensor(flags, dtype=torch.float64),
+                torch.tensor(costs, dtype=torch.float64),
+            ]
+        )
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        packed = all_reduce_sum(packed.to(device), context).cpu()
+        fields, rest = len(StepTotals._fields), packed[rows.numel() :]
+        rows = packed[: rows.numel()].reshape(rows.shape)
+        totals = StepTotals(*rest[:fields].tolist())
+        flags = [x > 0 for x in rest[fields : fields + len(flags)].tolist()]
+        costs = rest[fields + len(flags) :].tolist()
+    flat, summed, offset = rows.sum(0), [], 0
+    for t in like:
+        summed.append(flat[offset : offset + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+        offset += t.numel()
+    return StepResult(summed, totals, flags, costs)
 
 
 class OuterLearner:

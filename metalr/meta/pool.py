@@ -8,7 +8,9 @@ from the family's range for that optimizer), so ES/PES can vmap them as one unro
 task, exactly as before populations existed.
 
 Every worker draws every task (the samplers stay in step); only the worker that owns a population builds
-and trains it. A finished population is refilled as a whole with a newly drawn architecture; a member
+and trains it. A newly drawn population goes to the worker whose other populations cost least, by the
+measured (all-reduced) seconds of their last truncation (:func:`least_loaded`), so a worker that drew costly
+tasks is not also handed the next one; every worker computes the same assignment. A finished population is refilled as a whole with a newly drawn architecture; a member
 whose truncation was non-finite is replaced by a fresh member of the same population, brought to the
 population's step with a frozen-controller unroll.
 """
@@ -16,7 +18,7 @@ population's step with a frozen-controller unroll.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +79,19 @@ class TaskSampler:
         return int(torch.randint(len(self.families), (), generator=self.generator))
 
 
+def least_loaded(owners: Sequence[int], costs: Sequence[float], world_size: int, group: int) -> int:
+    """The worker to run population ``group``: the one whose other populations cost least (``costs``: measured
+    seconds per truncation, 0 before the first), then the one with fewest, then the lowest rank.
+    ``owners[g]`` is population ``g``'s worker, -1 while it is unassigned."""
+    load = [0.0] * world_size
+    count = [0] * world_size
+    for g, (owner, cost) in enumerate(zip(owners, costs, strict=True)):
+        if g != group and owner >= 0:
+            load[owner] += cost
+            count[owner] += 1
+    return min(range(world_size), key=lambda w: (load[w], count[w], w))
+
+
 @dataclass
 class PoolCounters:
     """What the pool reports to the loop (part of its JSON resume state)."""
@@ -105,17 +120,19 @@ class TaskPool:
         self.size = meta.population
         self.runs: list[InnerRun | None] = [None] * meta.meta_batch
         self.states: list[Any] = [()] * meta.meta_batch
+        self.groups = meta.meta_batch // self.size
+        self.owners = [-1] * self.groups  # the worker of each population (identical on every worker)
+        self.costs = [0.0] * self.groups  # seconds of each population's last truncation (all-reduced)
 
-    def populations(self) -> Iterator[list[int]]:
-        """The slots of each population this worker owns, in slot order."""
-        for group in range(self.meta.meta_batch // self.size):
-            slots = list(self._slots(group))
-            if all(self.runs[s] is not None for s in slots):
-                yield slots
+    def populations(self) -> Iterator[tuple[int, list[int]]]:
+        """``(population, its slots)`` for each population this worker owns, in slot order."""
+        for group in range(self.groups):
+            if self.owners[group] == self.context.rank:
+                yield group, list(self._slots(group))
 
     def fill_all(self) -> None:
         offset = not self.estimator.full_horizon
-        for group in range(self.meta.meta_batch // self.size):
+        for group in range(self.groups):
             self.fill_population(group, offset)
 
     def fill_population(self, group: int, offset: bool) -> None:
@@ -126,7 +143,9 @@ class TaskPool:
             skip = int(torch.randint(specs[0].steps, (), generator=self.sampler.generator)) if offset else 0
             if self._fits(specs[0]):
                 break
-        owned = self.context.owns(group)
+        self.owners[group] = least_loaded(self.owners, self.costs, self.context.world_size, group)
+        self.costs[group] = 0.0
+        owned = self.owners[group] == self.context.rank
         for slot, spec in zip(self._slots(group), specs, strict=True):
             self.runs[slot] = self._start(spec, skip) if owned else None
             self.states[slot] = ()
@@ -138,7 +157,7 @@ class TaskPool:
         anew; a member flagged alone (non-finite) is replaced by a fresh member at its population's step.
         The decision reads only the all-reduced flags, so every worker makes the same draws.
         """
-        for group in range(self.meta.meta_batch // self.size):
+        for group in range(self.groups):
             flagged = [s for s in self._slots(group) if flags[s]]
             if len(flagged) == self.size:
                 self.fill_population(group, offset=False)

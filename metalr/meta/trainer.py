@@ -8,7 +8,7 @@ Wired in plain sight (as in learned_optimization's ``simple_lopt_train.py``; :cl
     outer      = OuterLearner(controller.parameters(), meta_lr, clip)    # Adam on the controller
     for each meta-step (K = truncation schedule):
         estimates = [estimator.many(controller, population, K, seeds, states) for population in pool]
-        summed, totals, flags = all_reduce_step(finite estimates' grads, StepTotals, done/non-finite flags)
+        summed, totals, flags, costs = all_reduce_step(finite slots' grads, StepTotals, done/non-finite, seconds)
         pool.refill(flags); outer.update(summed, totals)                # clip, Adam step
 
 A truncation whose meta-loss or meta-gradient is NaN/inf is skipped and counted, never applied; when more
@@ -255,24 +255,27 @@ class MetaTrainer:
         """One meta-step over the meta-batch; returns the per-step statistics."""
         meta, state, pool = self.meta, self.state, self.pool
         length = self.schedule(state.meta_step)
-        summed = [torch.zeros_like(p) for p in self.outer.params]
+        slot_grads: list[list[torch.Tensor] | None] = [None] * meta.meta_batch
         totals = StepTotals(guard_events=float(state.pending_guard_events))
         flags = [False] * meta.meta_batch
+        costs = [0.0] * pool.groups
         state.pending_guard_events = 0
-        for slots in pool.populations():
+        for group, slots in pool.populations():
             seeds = [noise_seed(self.config.seed, state.meta_step, slot) for slot in slots]
             runs = [pool.runs[slot] for slot in slots]
+            started = time.perf_counter()
             try:
                 estimates = self.estimator.many(self.controller, runs, length, seeds, [pool.states[s] for s in slots])  # type: ignore[arg-type]
             except EstimatorError as err:
                 raise MetaTrainingError(str(err)) from None
+            costs[group] = time.perf_counter() - started
             for slot, run, estimate in zip(slots, runs, estimates, strict=True):
                 totals = totals._replace(guard_events=totals.guard_events + estimate.alarms)
                 if not (math.isfinite(estimate.meta_loss) and all(bool(torch.isfinite(g).all()) for g in estimate.grads)):
                     totals = totals._replace(skipped=totals.skipped + 1)
                     flags[slot] = True
                     continue
-                torch._foreach_add_(summed, list(estimate.grads))
+                slot_grads[slot] = list(estimate.grads)
                 base_lr = run.task.spec.base_lr  # type: ignore[union-attr]
                 totals = totals._replace(
                     used=totals.used + 1,
@@ -283,7 +286,7 @@ class MetaTrainer:
                 )
                 pool.runs[slot], pool.states[slot] = estimate.run, estimate.state
                 flags[slot] = estimate.run.done
-        summed, totals, flags = all_reduce_step(summed, totals, flags, self.context)
+        summed, totals, flags, pool.costs = all_reduce_step(slot_grads, self.outer.params, totals, flags, costs, self.context)
         state.attempted += meta.meta_batch
         state.skipped += int(totals.skipped)
         state.guard_events += int(totals.guard_events)
@@ -341,6 +344,8 @@ class MetaTrainer:
             "runs": runs,
             "probe_best_lrs": self.probe_best_lrs,
             "world_size": self.context.world_size,
+            "owners": self.pool.owners,
+            "costs": self.pool.costs,
         }
         write_state(self.state_dir, self.context.rank, self.state.meta_step, table, record)
 
@@ -363,6 +368,7 @@ class MetaTrainer:
         self.state = LoopState(**record["loop"])
         self.pool.counters = self.state  # the pool counts refusals and staggering guard events into it
         self.probe_best_lrs = list(record["probe_best_lrs"])
+        self.pool.owners, self.pool.costs = list(record["owners"]), list(record["costs"])
         for slot_key, run_record in record["runs"].items():
             slot = int(slot_key)
             self.pool.runs[slot], self.pool.states[slot] = get_run(

@@ -263,3 +263,18 @@ def test_a_non_finite_member_is_replaced_at_its_populations_step(tmp_path: Path)
 def test_meta_batch_must_split_into_populations() -> None:
     with pytest.raises(ConfigError, match="multiple of population=3"):
         build_config(MetaTrainConfig, {"name": "x", "meta": {"meta_batch": 4, "population": 3}})
+
+
+def test_a_new_population_goes_to_the_worker_whose_other_populations_cost_least() -> None:
+    from metalr.meta.pool import least_loaded
+
+    owners: list[int] = [-1] * 4
+    for group in range(4):  # nothing measured yet: one population per worker in turn
+        owners[group] = least_loaded(owners, [0.0] * 4, 2, group)
+    assert owners == [0, 1, 0, 1]
+    # worker 0's remaining population is the costly one, so population 2's replacement goes to worker 1,
+    # and its own old assignment (population 2 itself) does not count
+    assert least_loaded([0, 1, 0, 1], [5.0, 1.0, 9.0, 1.0], 2, group=2) == 1
+    assert least_loaded([0, 1, 0, 1], [1.0, 5.0, 9.0, 1.0], 2, group=2) == 0
+    assert least_loaded([0, 0, 0], [1.0, 1.0, 1.0], 3, group=0) in (1, 2)  # idle workers first
+    assert least_loaded([0, 0, 0], [1.0, 1.0, 1.0], 3, group=0) == 1  # then the lowest rank
