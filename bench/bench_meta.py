@@ -212,6 +212,7 @@ def _scale_worker(rank: int, world_size: int, init_file: str, out: str, config: 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         meta_train(build_config(MetaTrainConfig, config), out, progress=False)
+        dist.barrier()  # no rank tears gloo down while the other is still inside it (a SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 
