@@ -1,8 +1,9 @@
 """The outer learner: combine the meta-batch's estimates, all-reduce them, and update the controller.
 
 :class:`StepTotals` names the per-meta-step statistics; :func:`all_reduce_step` sums gradients, totals,
-refill flags and population costs over workers in one collective; :class:`OuterLearner` skips nothing itself (non-finite
-estimates never reach it), averages, clips and takes an Adam step on the controller's parameters.
+refill flags and population costs over workers in one collective; :class:`OuterLearner` skips nothing
+itself (non-finite estimates never reach it), averages, clips and takes an Adam step on the controller's
+parameters.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ task, exactly as before populations existed.
 Every worker draws every task (the samplers stay in step); only the worker that owns a population builds
 and trains it. A newly drawn population goes to the worker whose other populations cost least, by the
 measured (all-reduced) seconds of their last truncation (:func:`least_loaded`), so a worker that drew costly
-tasks is not also handed the next one; every worker computes the same assignment. A finished population is refilled as a whole with a newly drawn architecture; a member
-whose truncation was non-finite is replaced by a fresh member of the same population, brought to the
-population's step with a frozen-controller unroll.
+tasks is not also handed the next one; every worker computes the same assignment. A finished population is
+refilled as a whole with a newly drawn architecture; a member whose truncation was non-finite is replaced by
+a fresh member of the same population, brought to the population's step with a frozen-controller unroll.
 """
 
 from __future__ import annotations
