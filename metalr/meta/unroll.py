@@ -47,12 +47,11 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from metalr.controller import LRController, PolicyState, detach_tree
-from metalr.features import Observation, predictive_entropy
+from metalr.features import Observation, Tensors, predictive_entropy
 from metalr.meta.inner import InnerOptimizer, make_inner_optimizer
 from metalr.tasks.base import BatchStream, Task
 
 NAN = float("nan")
-Tensors = tuple[Tensor, ...]
 
 
 class Carry(NamedTuple):
