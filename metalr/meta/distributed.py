@@ -35,10 +35,6 @@ class WorkerContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def owns(self, slot: int) -> bool:
-        """Whether this worker unrolls meta-batch slot ``slot``."""
-        return slot % self.world_size == self.rank
-
 
 def init_distributed(device: str = "cpu") -> WorkerContext:
     """Join the process group ``torchrun`` describes in the environment (no-op for a single process).
