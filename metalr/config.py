@@ -375,6 +375,7 @@ class EvalConfig:
     families: tuple[str, ...] = ()  # evaluate only these families of the split (empty = all of them)
     tasks_per_family: int = 2  # held-out tasks sampled per family (fixed before any result is seen)
     task_seed: int = 1234  # seed of that sampling
+    step_scale: float = 1.0  # multiplies every task's sampled step budget (cpu-heldout-long: 10), before max_steps
     max_steps: int = 0  # cap on every task's step budget before horizon scaling (0 = the sampled budget)
     seeds: int = 3  # training seeds per (task, method, initial LR, horizon)
     methods: tuple[MethodEntry, ...] = (MethodEntry("learned"), MethodEntry("constant"), MethodEntry("cosine"))
@@ -446,6 +447,8 @@ def _check_eval_protocol(config: EvalConfig, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: {key} must be a positive integer, got {value}")
+    if not config.step_scale > 0:
+        raise ConfigError(f"{where}: step_scale must be > 0 (1 = the sampled budget), got {config.step_scale}")
     if config.max_steps < 0:
         raise ConfigError(f"{where}: max_steps must be >= 0 (0 = no cap), got {config.max_steps}")
     if not config.methods:

@@ -7,7 +7,8 @@ learned controller are therefore measured by the same code, overheads included.
 
 Which cells exist is the protocol of issue 7 (after AlgoPerf's external-tuning ruleset):
 
-* every method gets one run per seed at the task's default LR (``lr_source="default"``);
+* every method gets one run per seed at the task's default LR (``lr_source="default"``); where that LR is a
+  point of the method's grid, the grid run is that run (planned once, indexed under both sources);
 * tuned methods (``method.tuned``) run over the LR grid (``"grid"``); with ``sensitivity`` the self-tuning
   methods do too (or those in ``sensitivity_methods``), given the grid LR as base LR, so every method has a
   loss-vs-initial-LR curve;
@@ -33,7 +34,7 @@ import torch
 
 from metalr.checkpoint import load_controller
 from metalr.config import EvalConfig, MethodEntry
-from metalr.evaluation.records import RunRecord
+from metalr.evaluation.records import RunRecord, same_lr
 from metalr.methods import MethodContext, create_method
 from metalr.tasks import TaskSpec, build_task
 
@@ -77,7 +78,7 @@ class Cell:
             "options": self.entry.options,
             "label": self.entry.display,
             "seed": self.seed,
-            "lr": float(f"{self.lr:.12g}"),
+            "lr": float(f"{self.lr:.12g}"),  # the rounding of same_lr
             "lr_source": self.lr_source,
             "horizon": self.horizon,
             "steps": self.steps,
@@ -165,7 +166,9 @@ def plan_cells(config: EvalConfig, specs: Sequence[TaskSpec]) -> list[Cell]:
                 runs_grid = grid_here and (is_tuned or (sensitivity and horizon == 1.0))
                 # At other horizons a tuned method's reported LR is the one tuned at 1x (phase 2).
                 default_here = horizon == 1.0 or not (config.tune and is_tuned)
-                if default_here:
+                grid = config.grid_for(spec.optimizer) if runs_grid else ()
+                # A default LR on the grid is the grid run itself (same task, seed, LR and steps): run it once.
+                if default_here and not any(same_lr(lr, spec.base_lr) for lr in grid):
                     cells += [
                         _cell(config, spec, entry, is_tuned, s, spec.base_lr, "default", horizon)
                         for s in seeds
@@ -173,7 +176,7 @@ def plan_cells(config: EvalConfig, specs: Sequence[TaskSpec]) -> list[Cell]:
                 if runs_grid:
                     cells += [
                         _cell(config, spec, entry, is_tuned, s, lr, "grid", horizon)
-                        for lr in config.grid_for(spec.optimizer)
+                        for lr in grid
                         for s in seeds
                     ]
     return cells

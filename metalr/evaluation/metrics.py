@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from metalr.evaluation.records import ReportProtocol, RunRecord
+from metalr.evaluation.records import ReportProtocol, RunRecord, same_lr
 from metalr.evaluation.statistics import (
     PairedComparison,
     compare_paired,
@@ -191,8 +191,17 @@ class Analysis:
         self.horizons = sorted({r.horizon for r in self.records}, key=lambda h: (h != 1.0, h))
         self._runs: dict[tuple[str, str, float, str], list[Record]] = defaultdict(list)
         for record in self.records:
-            index = (record.task_key, record.method, record.horizon, record.lr_source)
-            self._runs[index].append(record)
+            self._runs[(record.task_key, record.method, record.horizon, record.lr_source)].append(record)
+        for record in self.records:
+            # The grid run at the task's default LR is also its default-LR run (planned once: plan_cells).
+            # Results from before that rule hold both runs of a seed; the default-LR one is kept.
+            default = (record.task_key, record.method, record.horizon, "default")
+            if (
+                record.lr_source == "grid"
+                and same_lr(record.lr, record.default_lr)
+                and all(r.seed != record.seed for r in self._runs.get(default, []))
+            ):
+                self._runs[default].append(record)
         for runs in self._runs.values():
             runs.sort(key=lambda r: (r.lr, r.seed))
         self._reported: dict[RunKey, tuple[list[Record], float | None]] = {}

@@ -32,6 +32,11 @@ class RecordError(ValueError):
     """A ``results.jsonl`` line this version of metalr cannot read (the message names the record version)."""
 
 
+def same_lr(a: float, b: float) -> bool:
+    """Whether two LRs name the same grid point (grid LRs are rounded to 12 significant digits)."""
+    return float(f"{a:.12g}") == float(f"{b:.12g}")
+
+
 @dataclass(frozen=True)
 class ReportProtocol:
     """The protocol settings a report needs, stored in every record (see ``EvalConfig`` for meanings)."""

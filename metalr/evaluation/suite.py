@@ -75,6 +75,8 @@ def held_out_specs(config: EvalConfig) -> list[TaskSpec]:
     if not entries:
         raise ConfigError(f"suite {suite.name!r} lists no {config.split} families to evaluate")
     specs = sample_specs(entries, config.tasks_per_family, config.task_seed)
+    if config.step_scale != 1.0:  # the same sampled tasks (seeds, LRs, batch sizes), trained for longer
+        specs = [s.replace(steps=max(1, round(s.steps * config.step_scale))) for s in specs]
     if config.max_steps:
         specs = [s.replace(steps=min(s.steps, config.max_steps)) for s in specs]
     return specs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import metalr.evaluation as evaluation_package
 import metalr.methods.base as methods_base
 from metalr.checkpoint import load_controller
-from metalr.config import EvalConfig, MethodEntry
+from metalr.config import ConfigError, EvalConfig, MethodEntry, read_eval_config
 from metalr.evaluation.harness import Cell, count_transfer_cells, plan_cells, plan_transfer_cells, run_cell
 from metalr.evaluation.suite import held_out_specs
 from metalr.methods import MethodContext, MethodRun, create_method, list_methods
@@ -46,6 +47,16 @@ def test_held_out_specs_are_fixed_by_the_suite_and_task_seed(tiny_config: EvalCo
     assert [s.key for s in held_out_specs(tiny_config)] == [s.key for s in specs]
 
 
+def test_step_scale_lengthens_the_same_sampled_tasks_before_the_cap(tiny_config: EvalConfig) -> None:
+    base = held_out_specs(tiny_config)
+    longer = held_out_specs(dataclasses.replace(tiny_config, step_scale=10.0))
+    capped = held_out_specs(dataclasses.replace(tiny_config, step_scale=10.0, max_steps=200))
+    assert [s.steps for s in longer] == [300, 300] and [s.steps for s in capped] == [200, 200]
+    assert [s.replace(steps=30) for s in longer] == base  # the same seeds, LRs and batch sizes
+    with pytest.raises(ConfigError, match="step_scale must be > 0"):
+        read_eval_config(Path(__file__).parents[2] / "evaluate" / "demo-quick.yaml", ["step_scale=0"])
+
+
 def test_plan_covers_default_grid_and_horizons(tiny_config: EvalConfig) -> None:
     specs = held_out_specs(tiny_config)
     cells = plan_cells(tiny_config, specs)
@@ -62,6 +73,19 @@ def test_plan_covers_default_grid_and_horizons(tiny_config: EvalConfig) -> None:
     transfer = plan_transfer_cells(tiny_config, specs, tuned_lrs)
     assert len(transfer) == count_transfer_cells(tiny_config, specs) == 8
     assert {(c.lr, c.horizon, c.lr_source) for c in transfer} == {(1e-3, 2.0, "transfer")}
+
+
+def test_a_default_lr_on_the_grid_is_planned_once_as_the_grid_run(tiny_config: EvalConfig) -> None:
+    specs = held_out_specs(tiny_config)
+    on_grid = {s.optimizer: (s.base_lr, 0.5) for s in specs}
+    assert len(on_grid) == 2  # the two tasks draw different optimizers
+    config = dataclasses.replace(tiny_config, lr_grid=on_grid, horizon_scales=())
+    cells = plan_cells(config, specs)
+    # Every method runs the grid (constant, cosine tuned; learned by sensitivity): no separate default run.
+    assert {c.lr_source for c in cells} == {"grid"}
+    assert len(cells) == len({c.key for c in cells}) == 2 * 3 * 2 * 2
+    off_grid = dataclasses.replace(config, lr_grid={s.optimizer: (0.25, 0.5) for s in specs})
+    assert len([c for c in plan_cells(off_grid, specs) if c.lr_source == "default"]) == 2 * 3 * 2
 
 
 def test_sensitivity_methods_limit_the_self_tuning_grid(tiny_config: EvalConfig) -> None:
@@ -107,6 +131,21 @@ def test_every_registered_method_runs_through_the_one_loop(method: str, controll
     assert result.final_valid["loss"] == result.valid[-1]["loss"]
     assert all(lr > 0 and math.isfinite(lr) for lr in result.lr_trace)
     assert result.peak_rss_mb > 0 and result.train_seconds > 0
+
+
+def test_learned_auto_deploys_the_shipped_controller_of_the_optimizer_family() -> None:
+    """``controller: auto`` is what ``LearnedLR(optimizer, total_steps=T)`` gives a user (adam -> adam-cpu)."""
+
+    def learned(controller: str, spec: TaskSpec = SPEC) -> Any:
+        entry = MethodEntry("learned", {"controller": controller})
+        return run_cell(Cell(spec, entry, False, 0, 3e-3, "default", 1.0, 20, 10))
+
+    auto, named = learned("auto"), learned("adam-cpu")
+    assert auto.lr_trace == named.lr_trace and auto.train_loss == named.train_loss
+    sgd = SPEC.replace(optimizer="sgd")
+    assert learned("auto", sgd).lr_trace == learned("sgd-cpu", sgd).lr_trace
+    with pytest.warns(UserWarning, match="meta-trained for 'sgd'"):
+        assert auto.lr_trace != learned("sgd-cpu").lr_trace  # the family decides: not one fixed controller
 
 
 def test_run_is_deterministic_in_the_seed(controller_path: Path) -> None:

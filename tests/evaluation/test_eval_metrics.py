@@ -290,3 +290,14 @@ def test_every_line_plot_draws_each_of_eleven_methods_in_its_own_colour_and_mark
                 lines[method] = (line.get_color(), line.get_marker())
         assert sorted(lines) == sorted(methods), figure.axes[0].get_title()
         assert len(set(lines.values())) == len(methods), f"{figure.axes[0].get_title()}: {lines}"
+
+
+def test_the_grid_run_at_the_default_lr_is_also_the_default_lr_run() -> None:
+    on_default = [record("A", "m1", [1.0, 0.5, 0.4, 0.3, 0.2], seed=s, lr=0.1, source="grid") for s in (0, 1)]
+    elsewhere = record("A", "m1", [1.0, 0.9, 0.9, 0.9, 0.9], lr=0.01, source="grid")
+    analysis = Analysis([*on_default, elsewhere])
+    assert analysis.runs("A", "m1", 1.0, "default") == on_default
+    assert analysis.grid_runs("A", "m1") == [elsewhere, *on_default]
+    # Results from before plan_cells ran that cell once hold a default-LR run of the same seed too: kept alone.
+    old = record("A", "m1", [1.0, 0.5, 0.4, 0.3, 0.2], seed=0, lr=0.1, source="default")
+    assert Analysis([old, *on_default]).runs("A", "m1", 1.0, "default") == [old, on_default[1]]
