@@ -367,6 +367,11 @@ DEFAULT_LR_GRID_RANGES: dict[str, tuple[float, float]] = {
 TARGET_RULES = ("reference", "best_baseline")
 
 
+def grid_lr(lr: float) -> float:
+    """An LR rounded to 12 significant digits: the same grid point is the same float on every machine."""
+    return float(f"{lr:.12g}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     name: str = "evaluation"  # report title
@@ -404,10 +409,10 @@ class EvalConfig:
             return tuple(float(lr) for lr in self.lr_grid[optimizer])
         low, high = self.lr_grid_ranges.get(optimizer, DEFAULT_LR_GRID_RANGES[optimizer])
         if self.lr_grid_points == 1:
-            return (float(f"{(low * high) ** 0.5:.12g}"),)
+            return (grid_lr((low * high) ** 0.5),)
         # Rounded so that the same grid point is the same float (and the same cell key) on every machine.
         return tuple(
-            float(f"{low * (high / low) ** (i / (self.lr_grid_points - 1)):.12g}") for i in range(self.lr_grid_points)
+            grid_lr(low * (high / low) ** (i / (self.lr_grid_points - 1))) for i in range(self.lr_grid_points)
         )
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from metalr.checkpoint import load_controller
-from metalr.config import EvalConfig, MethodEntry
+from metalr.config import EvalConfig, MethodEntry, grid_lr
 from metalr.evaluation.records import RunRecord, same_lr
 from metalr.methods import MethodContext, create_method
 from metalr.tasks import TaskSpec, build_task
@@ -78,7 +78,7 @@ class Cell:
             "options": self.entry.options,
             "label": self.entry.display,
             "seed": self.seed,
-            "lr": float(f"{self.lr:.12g}"),  # the rounding of same_lr
+            "lr": grid_lr(self.lr),
             "lr_source": self.lr_source,
             "horizon": self.horizon,
             "steps": self.steps,

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from metalr.config import EvalConfig
+from metalr.config import EvalConfig, grid_lr
 
 RECORD_VERSION = 2
 # Fields that measure the machine rather than the training run: they differ between two executions of the
@@ -33,8 +33,8 @@ class RecordError(ValueError):
 
 
 def same_lr(a: float, b: float) -> bool:
-    """Whether two LRs name the same grid point (grid LRs are rounded to 12 significant digits)."""
-    return float(f"{a:.12g}") == float(f"{b:.12g}")
+    """Whether two LRs name the same grid point (both rounded as the grid is: ``config.grid_lr``)."""
+    return grid_lr(a) == grid_lr(b)
 
 
 @dataclass(frozen=True)
