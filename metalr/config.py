@@ -70,6 +70,9 @@ class MetaConfig:
     meta_grad_clip: float = 1.0  # global-norm clip of the meta-gradient
     detach_features: bool = False  # stop meta-gradients through controller inputs (cheaper, biased)
     objective_every: int = 1  # measure the outer-valid loss every N inner steps
+    # ES/PES: clamp each meta-objective term log(L / L_0) at this value and score a diverged (non-finite)
+    # term as it instead of skipping the truncation (None: no cap, diverged truncations are skipped)
+    objective_cap: float | None = None
     valid_batch_size: int = 128  # outer-valid examples per meta-objective measurement
     max_skip_fraction: float = 0.5  # stop when more than this fraction of truncations was non-finite
     checkpoint_every: int = 50  # meta-steps between periodic checkpoints (0 = only the final one)
@@ -114,6 +117,8 @@ class MetaConfig:
                 f"meta_batch={self.meta_batch} must be a multiple of population={self.population} "
                 "(the meta-batch is split into populations of that many tasks)"
             )
+        if self.objective_cap is not None and not abs(self.objective_cap) < float("inf"):
+            raise ValueError(f"objective_cap must be a finite number or null, got {self.objective_cap}")
         if not self.memory_budget_mb >= 0:
             raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 

@@ -239,7 +239,11 @@ class _ESBase:
         """
         frozen = {n: p.detach() for n, p in controller.theta().items() if n not in thetas[0][0]}
         weights = [[{**frozen, **t} for t in member] for member in thetas]
-        options = {"objective_every": self.config.objective_every, "valid_every": self.config.valid_every}
+        options = {
+            "objective_every": self.config.objective_every,
+            "valid_every": self.config.valid_every,
+            "objective_cap": self.config.objective_cap,
+        }
         count = len(weights[0])
         if self.config.vectorize:
             starts = [r.with_carry(c) for r, c in zip(runs, carries, strict=True)]
@@ -446,5 +450,10 @@ def create_estimator(config: MetaConfig) -> Estimator:
         raise EstimatorError(
             f"meta.backend={config.backend!r} applies to the backprop estimators {list(BACKPROP_ESTIMATORS)}; "
             f"estimator {config.estimator!r} needs no autograd and runs on the native unroll (set backend: native)"
+        )
+    if config.objective_cap is not None and config.estimator in BACKPROP_ESTIMATORS:
+        raise EstimatorError(
+            f"meta.objective_cap applies to the ES/PES estimators (a capped term has no gradient); "
+            f"estimator {config.estimator!r} needs objective_cap: null"
         )
     return ESTIMATORS[config.estimator](config)

@@ -409,6 +409,7 @@ def unroll(
     theta: Mapping[str, Tensor] | None = None,
     backend: Backend = NATIVE,
     particles: int = 0,
+    objective_cap: float | None = None,
 ) -> UnrollResult:
     """Advance ``run`` by up to ``length`` steps (stops at the task's horizon) and score it.
 
@@ -428,6 +429,10 @@ def unroll(
             every ``theta`` tensor have a leading dimension ``P``, all particles see the same batches, and the
             result's ``meta_loss`` has shape ``[P]`` (``lrs``/``train_losses`` follow particle 0, ``alarms``
             sums over particles). Needs ``differentiable=False`` and the native backend.
+        objective_cap: clamp each meta-objective term ``log(L / L_0)`` at this value and count a non-finite
+            one (a diverged run) as it, so a diverged particle scores the cap instead of voiding the
+            truncation, and no single blow-up dominates the meta-gradient. ``None``: no cap. A capped term
+            has no gradient, so this is meant for the ES/PES estimators.
     """
     return _unroll(
         controller,
@@ -441,6 +446,7 @@ def unroll(
         theta=theta,
         backend=backend,
         particles=particles,
+        objective_cap=objective_cap,
     )[0]
 
 
@@ -452,6 +458,7 @@ def unroll_population(
     valid_every: int = 10,
     theta: Mapping[str, Tensor] | None = None,
     particles: int = 0,
+    objective_cap: float | None = None,
 ) -> list[UnrollResult]:
     """:func:`unroll` of a *population*: tasks of one architecture in lockstep (:func:`population_key`).
 
@@ -459,6 +466,7 @@ def unroll_population(
     is what unrolling each member on its own would give, one :class:`UnrollResult` per member. The members'
     carries are stacked along a leading dimension ``M`` (before the particles'), and so is ``theta`` when
     given (each member has its own perturbations); ``None`` runs the controller's own weights for all.
+    ``objective_cap`` as in :func:`unroll`.
     """
     if not runs:
         return []
@@ -474,6 +482,7 @@ def unroll_population(
         theta=theta,
         backend=NATIVE,
         particles=particles,
+        objective_cap=objective_cap,
     )
 
 
@@ -490,6 +499,7 @@ def _unroll(
     theta: Mapping[str, Tensor] | None,
     backend: Backend,
     particles: int,
+    objective_cap: float | None = None,
 ) -> list[UnrollResult]:
     """The one unroll loop (of one run, or vmapped over a population); see :func:`unroll`."""
     members = [r.forked() for r in runs]
@@ -517,7 +527,10 @@ def _unroll(
         return Carry(outcome.new_params, outcome.opt_state, update, policy), lr, outcome.loss, policy.features.alarm
 
     def objective(params: Tensors, batch: Any, clock: Clock) -> Tensor:
-        return torch.log(template.task.loss(template.model_call(params), batch) / clock.initial_valid_loss)
+        term = torch.log(template.task.loss(template.model_call(params), batch) / clock.initial_valid_loss)
+        if objective_cap is None:
+            return term
+        return torch.nan_to_num(term, nan=objective_cap, posinf=objective_cap).clamp(max=objective_cap)
 
     # One vmap level: over particles, over members, or over members x particles flattened into M * P lanes
     # (member-major), where each member's batch and clock are repeated for its particles. Nested vmaps

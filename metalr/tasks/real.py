@@ -238,6 +238,9 @@ def build_image_task(spec: TaskSpec) -> Task:
         "cnn2": lambda: vision.cnn2(
             channels, k, side, tuple(o["channels"]), o["hidden"], o.get("dropout", 0.0), mean=mean, std=std
         ),
+        "mlp": lambda: vision.image_mlp(
+            channels, k, side, o["width"], o["depth"], o.get("activation", "relu"), mean=mean, std=std
+        ),
         "lenet5": lambda: vision.lenet5(
             channels, k, side, o.get("activation", "tanh"), o.get("pooling", "avg"), mean=mean, std=std
         ),
@@ -481,6 +484,7 @@ _CNN2 = {
     "hidden": Choice((128, 64, 256)),
     "dropout": Choice((0.0, 0.25)),
 }
+_IMAGE_MLP = {"arch": "mlp", "width": Choice((128, 64, 256)), "depth": Choice((2, 1, 3))}
 _LENET = {"arch": "lenet5", "activation": Choice(("relu", "tanh")), "pooling": Choice(("max", "avg"))}
 _VISION_DATA = {"train_examples": LogRange(2000, 54000), "valid_examples": 2000}
 _LSTM = {
@@ -505,10 +509,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
         space={**_CNN2, **_VISION_DATA}, sampling=_sampling((200, 1500), (32, 64, 128)),
         reference=Reference("adam", 1e-3, 2000, 64, {"train_examples": None}),
     ),
+    "mnist_mlp": dict(
+        description="MLP on flattened MNIST digits", dataset="mnist", model="MLP 1-3 x 64-256", kind="image",
+        space={**_IMAGE_MLP, **_VISION_DATA}, sampling=_sampling((200, 1500), (32, 64, 128)),
+        reference=Reference("adam", 1e-3, 2000, 64, {"train_examples": None}),
+    ),
     "mnist_lenet": dict(
         description="LeNet-5 on MNIST digits", dataset="mnist", model="LeNet-5 (relu/tanh, max/avg pool)", kind="image",
         space={**_LENET, **_VISION_DATA}, sampling=_sampling((200, 1500), (32, 64, 128)),
         reference=Reference("adam", 2e-3, 2000, 128, {"train_examples": None}),
+    ),
+    "fashion_mnist_mlp": dict(
+        description="MLP on flattened Fashion-MNIST", dataset="fashion_mnist", model="MLP 1-3 x 64-256", kind="image",
+        space={**_IMAGE_MLP, **_VISION_DATA}, sampling=_sampling((200, 1500), (32, 64, 128)),
+        reference=Reference("adam", 1e-3, 2000, 64, {"train_examples": None}),
     ),
     "fashion_mnist_cnn": dict(
         description="2 conv + 2 FC CNN on Fashion-MNIST", dataset="fashion_mnist", model="CNN 2conv(5x5)+2FC, 8-32 channels", kind="image",

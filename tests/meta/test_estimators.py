@@ -271,3 +271,29 @@ def test_a_population_refuses_members_of_different_architectures() -> None:
     ahead = unroll(controller, runs[1], 3, differentiable=False).run
     with pytest.raises(ValueError, match="one architecture in lockstep"):
         unroll_population(controller, [runs[0], ahead], 5)
+
+
+def test_objective_cap_scores_a_diverged_run_at_the_cap_instead_of_voiding_its_truncation() -> None:
+    torch.manual_seed(0)
+    controller = LRController(
+        FeatureSpec(groups=("progress",)), PolicyConfig(guard_cut=1.0, max_lr=100.0), ArchConfig(hidden=(4,))
+    )
+    diverging = start_run(build_task(_quadratic(base_lr=50.0)), controller, valid_batch_size=16)  # float32
+    raw = unroll(controller, diverging, HORIZON, differentiable=False)
+    capped = unroll(controller, diverging, HORIZON, differentiable=False, objective_cap=1.0)
+    assert not math.isfinite(float(raw.meta_loss)), "the fixture must diverge past float32's range"
+    assert math.isfinite(float(capped.meta_loss)) and 0.0 < float(capped.meta_loss) <= 1.0
+    stable = _fresh(controller.double())  # converges: a cap above every term changes nothing, one below lowers it
+    plain = unroll(controller, stable, HORIZON, differentiable=False)
+    assert float(unroll(controller, stable, HORIZON, differentiable=False, objective_cap=50.0).meta_loss) == float(plain.meta_loss)
+    assert float(unroll(controller, stable, HORIZON, differentiable=False, objective_cap=-1.0).meta_loss) < float(plain.meta_loss)
+    controller.float()
+    for cap, finite in ((None, False), (1.0, True)):
+        pes = create_estimator(MetaConfig(estimator="pes", es_pairs=2, objective_cap=cap))
+        estimate = pes(controller, diverging, HORIZON, seed=0)
+        assert math.isfinite(estimate.meta_loss) is finite
+        assert all(bool(torch.isfinite(g).all()) for g in estimate.grads) is finite
+    with pytest.raises(EstimatorError, match="objective_cap applies to the ES/PES estimators"):
+        create_estimator(MetaConfig(estimator="tbptt", objective_cap=1.0))
+    with pytest.raises(ValueError, match="objective_cap must be a finite number or null"):
+        MetaConfig(estimator="pes", objective_cap=float("inf"))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from metalr.tasks.models import ACTIVATIONS
+from metalr.tasks.models import ACTIVATIONS, mlp
 
 
 class ImageInput(nn.Module):
@@ -67,6 +67,28 @@ def cnn2(
         act(),
         nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
+    )
+
+
+def image_mlp(
+    in_channels: int,
+    num_classes: int,
+    image_size: int = 28,
+    width: int = 128,
+    depth: int = 2,
+    activation: str = "relu",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Sequential:
+    """A fully connected net on the standardised, flattened pixels (the classic MNIST MLP; ~98% at 2 x 256).
+
+    The cheapest real-image model here, and one that ``torch.func.vmap`` batches well: meta-training
+    populations of it cost a fraction of the CNNs'."""
+    _check_image(in_channels, image_size, num_classes)
+    return nn.Sequential(
+        ImageInput(mean or [0.5] * in_channels, std or [0.5] * in_channels),
+        nn.Flatten(),
+        mlp(in_channels * image_size**2, num_classes, width, depth, activation),
     )
 
 
