@@ -52,7 +52,7 @@ def test_a_path_that_exists_wins_over_a_name(monkeypatch: pytest.MonkeyPatch, tm
 @pytest.mark.parametrize("name", ["nope", "../tasks/embedded", "tasks/embedded", ".embedded", ""])
 def test_unknown_names_and_paths_list_the_shipped_ones(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # where ../tasks/embedded.yaml does not exist
-    with pytest.raises(FileNotFoundError, match=rf"no task suite at '{name}'.*\(shipped: cpu-heldout, cpu-small, embedded"):
+    with pytest.raises(FileNotFoundError, match=rf"no task suite at '{name}'.*\(shipped: adam-long, adam-long-mlp, cpu-heldout, cpu-small, embedded"):
         resolve_shipped("tasks", name)
 
 
