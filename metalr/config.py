@@ -17,6 +17,7 @@ that owns it, through the loaders the CLI uses: :func:`metalr.meta.recipe.load_r
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -117,7 +118,7 @@ class MetaConfig:
                 f"meta_batch={self.meta_batch} must be a multiple of population={self.population} "
                 "(the meta-batch is split into populations of that many tasks)"
             )
-        if self.objective_cap is not None and not abs(self.objective_cap) < float("inf"):
+        if self.objective_cap is not None and not math.isfinite(self.objective_cap):
             raise ValueError(f"objective_cap must be a finite number or null, got {self.objective_cap}")
         if not self.memory_budget_mb >= 0:
             raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")

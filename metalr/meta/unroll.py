@@ -499,7 +499,7 @@ def _unroll(
     theta: Mapping[str, Tensor] | None,
     backend: Backend,
     particles: int,
-    objective_cap: float | None = None,
+    objective_cap: float | None,
 ) -> list[UnrollResult]:
     """The one unroll loop (of one run, or vmapped over a population); see :func:`unroll`."""
     members = [r.forked() for r in runs]

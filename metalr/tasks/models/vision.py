@@ -27,6 +27,11 @@ class ImageInput(nn.Module):
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
+    @classmethod
+    def of(cls, channels: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ImageInput:
+        """The input layer of a ``channels``-channel model: the given statistics, 0.5 / 0.5 where omitted."""
+        return cls(mean or [0.5] * channels, std or [0.5] * channels)
+
     def forward(self, x: Tensor) -> Tensor:
         return (x.to(self.mean.dtype) / 255.0 - self.mean) / self.std
 
@@ -55,7 +60,7 @@ def cnn2(
     act = ACTIVATIONS[activation]
     flat = channels[1] * (image_size // 4) ** 2
     return nn.Sequential(
-        ImageInput(mean or [0.5] * in_channels, std or [0.5] * in_channels),
+        ImageInput.of(in_channels, mean, std),
         nn.Conv2d(in_channels, channels[0], 5, padding=2),
         act(),
         nn.MaxPool2d(2),
@@ -86,7 +91,7 @@ def image_mlp(
     populations of it cost a fraction of the CNNs'."""
     _check_image(in_channels, image_size, num_classes)
     return nn.Sequential(
-        ImageInput(mean or [0.5] * in_channels, std or [0.5] * in_channels),
+        ImageInput.of(in_channels, mean, std),
         nn.Flatten(),
         mlp(in_channels * image_size**2, num_classes, width, depth, activation),
     )
@@ -114,7 +119,7 @@ def lenet5(
     padding = 2 if image_size == 28 else 0
     side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
     return nn.Sequential(
-        ImageInput(mean or [0.5] * in_channels, std or [0.5] * in_channels),
+        ImageInput.of(in_channels, mean, std),
         nn.Conv2d(in_channels, 6, 5, padding=padding),
         act(),
         pool(2),
@@ -167,7 +172,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         if width <= 0 or not blocks or min(blocks) <= 0:
             raise ValueError(f"width and every stage's block count must be positive, got {width=}, {blocks=}")
-        self.input = ImageInput(mean or [0.5] * in_channels, std or [0.5] * in_channels)
+        self.input = ImageInput.of(in_channels, mean, std)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
@@ -210,4 +215,4 @@ def torchvision_classifier(
             f"model {name!r} needs torchvision, which is not importable ({err}); install it with: pip install 'metalr[vision]'"
         ) from None
     net = getattr(tv_models, name)(weights=None, num_classes=num_classes)
-    return nn.Sequential(ImageInput(mean or [0.5] * 3, std or [0.5] * 3), net)
+    return nn.Sequential(ImageInput.of(3, mean, std), net)
