@@ -6,6 +6,7 @@
 A run's meta-valid sample is drawn from its recipe seed (``sample_specs(meta_valid, 2, seed + 1)``), so runs
 of different seeds are scored on different tasks; scoring every checkpoint on one seed's sample makes them
 comparable. ``untrained`` is the controller the trainer starts from with that seed (plain base schedule).
+Scores use the recipe's meta-objective (its ``meta.objective_power``); ``--set`` scores under another.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("controllers", nargs="+", help="checkpoint paths or shipped names, or 'untrained'")
     parser.add_argument("--sample-seed", type=int, default=0, help="the recipe seed whose meta-valid sample to use")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. meta.objective_power=3"
+    )
     args = parser.parse_args()
-    config = load_recipe(args.recipe, [f"seed={args.sample_seed}"])
+    config = load_recipe(args.recipe, [f"seed={args.sample_seed}", *args.set])
     specs = sample_specs(train_entries(config, load_suite(config.suite).meta_valid), 2, args.sample_seed + 1)
     print(f"meta-valid sample (recipe seed {args.sample_seed}): {', '.join(s.label for s in specs)}")
     for name in args.controllers:
@@ -42,7 +46,7 @@ def main() -> None:
         else:
             controller = load_controller(name)
         start = time.perf_counter()
-        score = meta_validate(controller, specs)
+        score = meta_validate(controller, specs, power=config.meta.objective_power)
         print(f"{name}: {score:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 

@@ -74,6 +74,9 @@ class MetaConfig:
     # ES/PES: clamp each meta-objective term log(L / L_0) at this value and score a diverged (non-finite)
     # term as it instead of skipping the truncation (None: no cap, diverged truncations are skipped)
     objective_cap: float | None = None
+    # weight the term at step t of a T-step task by (p + 1) (t / T)^p (weights average to 1 over a horizon):
+    # 0 = every term alike (the mean loss over training); larger p = the end of training counts more
+    objective_power: float = 0.0
     valid_batch_size: int = 128  # outer-valid examples per meta-objective measurement
     max_skip_fraction: float = 0.5  # stop when more than this fraction of truncations was non-finite
     checkpoint_every: int = 50  # meta-steps between periodic checkpoints (0 = only the final one)
@@ -120,6 +123,8 @@ class MetaConfig:
             )
         if self.objective_cap is not None and not math.isfinite(self.objective_cap):
             raise ValueError(f"objective_cap must be a finite number or null, got {self.objective_cap}")
+        if not (math.isfinite(self.objective_power) and self.objective_power >= 0):
+            raise ValueError(f"objective_power must be a finite number >= 0, got {self.objective_power}")
         if not self.memory_budget_mb >= 0:
             raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 

@@ -137,6 +137,7 @@ class TruncatedBackprop:
             differentiable=True,
             detach_features=self.config.detach_features,
             objective_every=self.config.objective_every,
+            objective_power=self.config.objective_power,
             valid_every=self.config.valid_every,
             backend=self.backend,
         )
@@ -243,6 +244,7 @@ class _ESBase:
             "objective_every": self.config.objective_every,
             "valid_every": self.config.valid_every,
             "objective_cap": self.config.objective_cap,
+            "objective_power": self.config.objective_power,
         }
         count = len(weights[0])
         if self.config.vectorize:

@@ -402,7 +402,9 @@ class MetaTrainer:
                 provenance = {**self.provenance, "meta_steps": step}
                 save_controller(self.controller, self.run_dir / f"checkpoint-{step}.safetensors", provenance)
                 if self.valid_specs:
-                    score = meta_validate(self.controller, self.valid_specs, self.device)
+                    score = meta_validate(
+                        self.controller, self.valid_specs, self.device, power=meta.objective_power
+                    )
                     record["meta_valid"] = score
                     if score < state.best:
                         state.best = score

@@ -410,6 +410,7 @@ def unroll(
     backend: Backend = NATIVE,
     particles: int = 0,
     objective_cap: float | None = None,
+    objective_power: float = 0.0,
 ) -> UnrollResult:
     """Advance ``run`` by up to ``length`` steps (stops at the task's horizon) and score it.
 
@@ -433,6 +434,10 @@ def unroll(
             one (a diverged run) as it, so a diverged particle scores the cap instead of voiding the
             truncation, and no single blow-up dominates the meta-gradient. ``None``: no cap. A capped term
             has no gradient, so this is meant for the ES/PES estimators.
+        objective_power: weight the term measured at step ``t`` of a ``T``-step task by
+            ``(p + 1) (t / T)^p``, after the cap. The weights average to 1 over a whole horizon, so the scale
+            of the objective stays the same. ``0`` weights every term equally (the mean loss over training).
+            A larger ``p`` moves the weight to the end of training, where the final loss is measured.
     """
     return _unroll(
         controller,
@@ -447,6 +452,7 @@ def unroll(
         backend=backend,
         particles=particles,
         objective_cap=objective_cap,
+        objective_power=objective_power,
     )[0]
 
 
@@ -459,6 +465,7 @@ def unroll_population(
     theta: Mapping[str, Tensor] | None = None,
     particles: int = 0,
     objective_cap: float | None = None,
+    objective_power: float = 0.0,
 ) -> list[UnrollResult]:
     """:func:`unroll` of a *population*: tasks of one architecture in lockstep (:func:`population_key`).
 
@@ -466,7 +473,7 @@ def unroll_population(
     is what unrolling each member on its own would give, one :class:`UnrollResult` per member. The members'
     carries are stacked along a leading dimension ``M`` (before the particles'), and so is ``theta`` when
     given (each member has its own perturbations); ``None`` runs the controller's own weights for all.
-    ``objective_cap`` as in :func:`unroll`.
+    ``objective_cap`` and ``objective_power`` as in :func:`unroll`.
     """
     if not runs:
         return []
@@ -483,6 +490,7 @@ def unroll_population(
         backend=NATIVE,
         particles=particles,
         objective_cap=objective_cap,
+        objective_power=objective_power,
     )
 
 
@@ -500,6 +508,7 @@ def _unroll(
     backend: Backend,
     particles: int,
     objective_cap: float | None,
+    objective_power: float,
 ) -> list[UnrollResult]:
     """The one unroll loop (of one run, or vmapped over a population); see :func:`unroll`."""
     members = [r.forked() for r in runs]
@@ -528,9 +537,11 @@ def _unroll(
 
     def objective(params: Tensors, batch: Any, clock: Clock) -> Tensor:
         term = torch.log(template.task.loss(template.model_call(params), batch) / clock.initial_valid_loss)
-        if objective_cap is None:
-            return term
-        return torch.nan_to_num(term, nan=objective_cap, posinf=objective_cap).clamp(max=objective_cap)
+        if objective_cap is not None:
+            term = torch.nan_to_num(term, nan=objective_cap, posinf=objective_cap).clamp(max=objective_cap)
+        if objective_power:
+            term = term * ((objective_power + 1) * (clock.step / clock.steps) ** objective_power)
+        return term
 
     # One vmap level: over particles, over members, or over members x particles flattened into M * P lanes
     # (member-major), where each member's batch and clock are repeated for its particles. Nested vmaps

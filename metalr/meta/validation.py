@@ -27,24 +27,31 @@ def build_controller(config: ControllerConfig) -> LRController:
     return LRController(spec, policy, ArchConfig(kind=config.kind, hidden=tuple(config.hidden)))
 
 
-def rollout_score(controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10) -> float:
+def rollout_score(
+    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10, power: float = 0.0
+) -> float:
     """Meta-objective of a whole training run under a frozen controller (no meta-gradient)."""
-    return rollout(controller, spec, device, every)[0]
+    return rollout(controller, spec, device, every, power)[0]
 
 
 def rollout(
-    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10
+    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10, power: float = 0.0
 ) -> tuple[float, list[float]]:
-    """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10."""
+    """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10.
+
+    ``power`` weights the objective's terms toward the end of training (``objective_power`` of :func:`unroll`).
+    """
     run = start_run(build_task(spec, device), controller)
-    result = unroll(controller, run, spec.steps, differentiable=False, objective_every=every)
+    result = unroll(controller, run, spec.steps, differentiable=False, objective_every=every, objective_power=power)
     value = float(result.meta_loss)
     return (value if math.isfinite(value) else 10.0), result.lrs
 
 
-def meta_validate(controller: LRController, specs: list[TaskSpec], device: str = "cpu") -> float:
-    """Mean full-horizon meta-objective over validation tasks (lower is better)."""
-    return sum(rollout_score(controller, s, device) for s in specs) / max(1, len(specs))
+def meta_validate(
+    controller: LRController, specs: list[TaskSpec], device: str = "cpu", power: float = 0.0
+) -> float:
+    """Mean full-horizon meta-objective over validation tasks (lower is better); ``power`` as in :func:`rollout`."""
+    return sum(rollout_score(controller, s, device, power=power) for s in specs) / max(1, len(specs))
 
 
 def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device: str = "cpu") -> float:

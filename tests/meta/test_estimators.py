@@ -297,3 +297,34 @@ def test_objective_cap_scores_a_diverged_run_at_the_cap_instead_of_voiding_its_t
         create_estimator(MetaConfig(estimator="tbptt", objective_cap=1.0))
     with pytest.raises(ValueError, match="objective_cap must be a finite number or null"):
         MetaConfig(estimator="pes", objective_cap=float("inf"))
+
+
+def test_objective_power_weights_each_term_by_its_progress_after_the_cap() -> None:
+    torch.manual_seed(0)
+    controller = _schedule_controller().double()
+    run = _fresh(controller)
+    steps = run.task.spec.steps
+
+    def terms(power: float, cap: float | None = None) -> list[float]:  # one term per step, step by step
+        values, current = [], run
+        for _ in range(steps):
+            result = unroll(
+                controller, current, 1, differentiable=False, objective_cap=cap, objective_power=power
+            )
+            values.append(float(result.meta_loss))
+            current = result.run
+        return values
+
+    plain, weighted = terms(0.0), terms(3.0)
+    for t, (p, w) in enumerate(zip(plain, weighted, strict=True), start=1):
+        assert w == pytest.approx(4 * (t / steps) ** 3 * p, rel=1e-9)
+    whole = unroll(controller, run, steps, differentiable=False, objective_power=3.0)
+    assert float(whole.meta_loss) == pytest.approx(sum(weighted) / steps, rel=1e-9)
+    assert float(unroll(controller, run, steps, differentiable=False, objective_power=0.0).meta_loss) == float(
+        unroll(controller, run, steps, differentiable=False).meta_loss
+    ), "power 0 is the unweighted objective, bit for bit"
+    cap = sorted(plain)[steps // 2]  # the cap clamps the raw term, then the weight applies
+    for t, (p, w) in enumerate(zip(plain, terms(3.0, cap), strict=True), start=1):
+        assert w == pytest.approx(4 * (t / steps) ** 3 * min(p, cap), rel=1e-9)
+    with pytest.raises(ValueError, match="objective_power must be a finite number >= 0"):
+        MetaConfig(objective_power=-1.0)
