@@ -131,11 +131,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     directory = Path(args.run_dir)
     if not (directory / "results.jsonl").is_file():
         raise UserError(f"{directory} has no results.jsonl; point `metalr report` at an evaluation output directory")
-    from metalr.evaluation import render_report
     from metalr.evaluation.records import RecordError
+    from metalr.evaluation.suite import report_directory
 
     try:
-        print(render_report(directory))
+        print(report_directory(directory))
     except RecordError as err:  # records of a version this metalr cannot read
         raise UserError(str(err)) from None
     return 0
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("report", help="re-render report.md/report.html from a results.jsonl directory")
+    p = sub.add_parser("report", help="re-render report.md/report.html of an evaluation directory (its config.yaml plan, else every record)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 

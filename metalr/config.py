@@ -437,6 +437,8 @@ def _method_entries(value: Any, where: str) -> list[dict[str, Any]]:
             entries.append({"method": item})
         elif isinstance(item, dict) and isinstance(item.get("method"), str):
             options = {k: v for k, v in item.items() if k not in ("method", "label")}
+            if set(options) == {"options"} and isinstance(options["options"], dict):
+                options = options["options"]  # the nested form dump_config writes (an output's config.yaml)
             entries.append({"method": item["method"], "options": options, "label": str(item.get("label", ""))})
         else:
             raise ConfigError(f"{where}[{i}]: expected a method name or a mapping with a 'method' key, got {item!r}")

@@ -10,7 +10,7 @@ import base64
 import functools
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -504,21 +504,31 @@ def summary_text(analysis: Analysis) -> str:
     )
 
 
-def render_report(out_dir: str | Path) -> str:
+def render_report(out_dir: str | Path, planned: Collection[str] | None = None) -> str:
     """Re-render ``report.md``, ``report.html`` and the figures from ``out_dir/results.jsonl`` alone.
+
+    Args:
+        out_dir: the evaluation directory.
+        planned: the cell keys to report (an evaluation's plan); records outside it stay in the file but
+            not in the report, which says how many. ``None`` reports every record.
 
     Returns:
         The summary (Markdown tables) for printing.
 
     Raises:
-        FileNotFoundError: ``out_dir`` has no results (or only torn ones).
+        FileNotFoundError: ``out_dir`` has no results (or only torn ones) in ``planned``.
     """
     out_dir = Path(out_dir)
-    records = load_records(out_dir / RESULTS)
+    every = load_records(out_dir / RESULTS)
+    records = every if planned is None else [r for r in every if r.key in planned]
     if not records:
-        raise FileNotFoundError(f"{out_dir / RESULTS} holds no finished runs")
+        raise FileNotFoundError(f"{out_dir / RESULTS} holds no finished runs of this evaluation")
     analysis = Analysis(records)
     blocks = build_document(analysis, out_dir / FIGURES)
+    left_out = len(every) - len(records)
+    note = f"{left_out} records in {RESULTS} are outside this evaluation's plan and not reported." if left_out else ""
+    if note:
+        blocks.insert(1, Paragraph(note))
     atomic_write_text(out_dir / "report.md", render_markdown(blocks, out_dir))
     atomic_write_text(out_dir / "report.html", render_html(blocks))
-    return summary_text(analysis)
+    return (note + "\n\n" if note else "") + summary_text(analysis)

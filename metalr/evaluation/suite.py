@@ -8,7 +8,7 @@ Wired in plain sight::
     cells   = plan_cells(config, specs)                   # phase 1: default LRs, LR grids, horizons
     run the cells not yet in results.jsonl                # executor: process pool or Ray
     cells   = plan_transfer_cells(config, specs, tuned)   # phase 2: tuned LRs at the other horizons
-    run them; render_report(out_dir)
+    run them; render_report(out_dir, planned)              # the report covers this plan's cells only
 
 Only this (parent) process appends to ``results.jsonl``, one whole line per finished run, so a killed
 evaluation loses at most the runs in flight, and re-running the same command skips every finished cell.
@@ -30,7 +30,7 @@ from metalr.config import ConfigError, EvalConfig, dump_config, read_eval_config
 from metalr.evaluation.executors import Executor, available_cpus, create_executor
 from metalr.evaluation.harness import Cell, count_transfer_cells, plan_cells, plan_transfer_cells
 from metalr.evaluation.metrics import select_lr
-from metalr.evaluation.records import ReportProtocol
+from metalr.evaluation.records import ReportProtocol, RunRecord
 from metalr.evaluation.report import RESULTS, load_records, render_report
 from metalr.io import append_jsonl
 from metalr.methods import MethodContext, create_method
@@ -228,17 +228,7 @@ def evaluate_suite(
             executor = create_executor(backend, workers, controller_path, address)
             _run(executor, todo, results, protocol, bar)
 
-            planned = {cell.key for cell in phase1}
-            grid = [r for r in load_records(results) if r.key in planned and r.lr_source == "grid"]
-            tuned_lrs = {}
-            for spec in specs:
-                for entry in config.methods:
-                    lr = select_lr(
-                        r for r in grid if r.task_key == spec.key and r.method == entry.display
-                    )
-                    if lr is not None:
-                        tuned_lrs[spec.key, entry.display] = lr
-            phase2 = plan_transfer_cells(config, specs, tuned_lrs)
+            phase2 = _transfer_cells(config, specs, phase1, load_records(results))
             done = {record.key for record in load_records(results)}
             todo2 = [cell for cell in phase2 if cell.key not in done]
             bar.update(len(phase2) - len(todo2))
@@ -246,7 +236,43 @@ def evaluate_suite(
         finally:
             if executor is not None:
                 executor.close()
-    return render_report(out_dir)
+    return render_report(out_dir, {cell.key for cell in (*phase1, *phase2)})
+
+
+def _transfer_cells(
+    config: EvalConfig, specs: Sequence[TaskSpec], phase1: Sequence[Cell], records: Sequence[RunRecord]
+) -> list[Cell]:
+    """Phase 2 of the plan: each tuned method's LR, selected on its phase-1 grid runs, at the other horizons."""
+    planned = {cell.key for cell in phase1}
+    grid = [r for r in records if r.key in planned and r.lr_source == "grid"]
+    tuned_lrs = {}
+    for spec in specs:
+        for entry in config.methods:
+            lr = select_lr(r for r in grid if r.task_key == spec.key and r.method == entry.display)
+            if lr is not None:
+                tuned_lrs[spec.key, entry.display] = lr
+    return plan_transfer_cells(config, specs, tuned_lrs)
+
+
+def report_directory(out_dir: Path | str) -> str:
+    """Re-render an evaluation directory's report, limited to the plan of its ``config.yaml`` when it has one.
+
+    Records that are in ``results.jsonl`` but outside that plan (e.g. copied from another evaluation) stay
+    in the file, and the report says how many it left out. A directory without ``config.yaml`` reports
+    every record.
+
+    Raises:
+        ConfigError: ``config.yaml`` names a task suite or method this metalr cannot build.
+        FileNotFoundError: no finished run of the plan.
+    """
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.yaml").is_file():
+        return render_report(out_dir)
+    config = load_eval_suite(out_dir / "config.yaml")
+    specs = held_out_specs(config)
+    phase1 = plan_cells(config, specs)
+    phase2 = _transfer_cells(config, specs, phase1, load_records(out_dir / RESULTS))
+    return render_report(out_dir, {cell.key for cell in (*phase1, *phase2)})
 
 
 __all__ = [
@@ -257,4 +283,5 @@ __all__ = [
     "preflight",
     "prepare_tasks",
     "quiet_libraries",
+    "report_directory",
 ]

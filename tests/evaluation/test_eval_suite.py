@@ -212,3 +212,28 @@ def test_report_of_records_from_a_newer_metalr_is_one_line(
     assert main(["report", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "record version 9" in error and "reads versions [1, 2]" in error
+
+
+def test_the_report_covers_the_evaluations_plan_and_says_what_it_left_out(
+    tiny_config: EvalConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    methods = tuple(m for m in tiny_config.methods if m.method != "learned")
+    both = EvalConfig(**{**tiny_config.__dict__, "tune": False, "horizon_scales": (), "methods": methods})
+    out = tmp_path / "run"
+    evaluate_suite(both, None, out, workers=1, progress=False)
+    assert f"| {methods[1].display} |" in (out / "report.md").read_text()
+    assert load_eval_suite(out / "config.yaml").methods == both.methods  # the output's config reads back
+    # An evaluation of one method in a directory that holds records of another (copied in to reuse runs):
+    one = EvalConfig(**{**both.__dict__, "methods": methods[:1], "reference": methods[0].display})
+    summary = evaluate_suite(one, None, out, workers=1, progress=False)
+    foreign = sum(r.method == methods[1].display for r in load_records(out / "results.jsonl"))
+    assert foreign > 0
+    note = f"{foreign} records in results.jsonl are outside this evaluation's plan and not reported"
+    report = (out / "report.md").read_text()
+    assert note in summary and note in report
+    assert f"| {methods[1].display} |" not in summary and f"| {methods[1].display} |" not in report
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0  # re-rendering follows the directory's config.yaml
+    assert capsys.readouterr().out.strip() == summary
+    (out / "config.yaml").unlink()  # without one, every record is reported
+    assert f"| {methods[1].display} |" in render_report(out)
