@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/metalr demo
 
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
 	$(MAKE) lint
 
 lint: setup

@@ -432,7 +432,9 @@ def unroll(
             sums over particles). Needs ``differentiable=False`` and the native backend.
         objective_cap: clamp each meta-objective term ``log(L / L_0)`` at this value and count a non-finite
             one (a diverged run) as it, so a diverged particle scores the cap instead of voiding the
-            truncation, and no single blow-up dominates the meta-gradient. ``None``: no cap. A capped term
+            truncation, and no single blow-up dominates the meta-gradient. A loss of exactly 0 (``-inf``,
+            e.g. a float32 cross-entropy underflow) is not a divergence: it stays ``-inf``, and the trainer
+            skips that truncation as it skips every non-finite one. ``None``: no cap. A capped term
             has no gradient, so this is meant for the ES/PES estimators.
         objective_power: weight the term measured at step ``t`` of a ``T``-step task by
             ``(p + 1) (t / T)^p``, after the cap. The weights average to 1 over a whole horizon, so the scale
@@ -537,8 +539,9 @@ def _unroll(
 
     def objective(params: Tensors, batch: Any, clock: Clock) -> Tensor:
         term = torch.log(template.task.loss(template.model_call(params), batch) / clock.initial_valid_loss)
-        if objective_cap is not None:
-            term = torch.nan_to_num(term, nan=objective_cap, posinf=objective_cap).clamp(max=objective_cap)
+        if objective_cap is not None:  # a zero loss (-inf) stays non-finite, so its truncation is skipped
+            term = torch.nan_to_num(term, nan=objective_cap, posinf=objective_cap, neginf=-math.inf)
+            term = term.clamp(max=objective_cap)
         if objective_power:
             term = term * ((objective_power + 1) * (clock.step / clock.steps) ** objective_power)
         return term

@@ -293,6 +293,11 @@ def test_objective_cap_scores_a_diverged_run_at_the_cap_instead_of_voiding_its_t
         estimate = pes(controller, diverging, HORIZON, seed=0)
         assert math.isfinite(estimate.meta_loss) is finite
         assert all(bool(torch.isfinite(g).all()) for g in estimate.grads) is finite
+    solved = _fresh(controller.double())  # a loss of exactly 0 is not a divergence: -inf, not the cap
+    loss = solved.task.loss
+    object.__setattr__(solved.task, "loss", lambda output, batch: 0.0 * loss(output, batch))
+    assert float(unroll(controller, solved, 1, differentiable=False, objective_cap=1.0).meta_loss) == -math.inf
+    controller.float()
     with pytest.raises(EstimatorError, match="objective_cap applies to the ES/PES estimators"):
         create_estimator(MetaConfig(estimator="tbptt", objective_cap=1.0))
     with pytest.raises(ValueError, match="objective_cap must be a finite number or null"):
