@@ -525,10 +525,10 @@ def render_report(out_dir: str | Path, planned: Collection[str] | None = None) -
         raise FileNotFoundError(f"{out_dir / RESULTS} holds no finished runs of this evaluation")
     analysis = Analysis(records)
     blocks = build_document(analysis, out_dir / FIGURES)
-    left_out = len(every) - len(records)
-    note = f"{left_out} records in {RESULTS} are outside this evaluation's plan and not reported." if left_out else ""
-    if note:
+    note = ""
+    if left_out := len(every) - len(records):
+        note = f"{left_out} records in {RESULTS} are outside this evaluation's plan and not reported."
         blocks.insert(1, Paragraph(note))
     atomic_write_text(out_dir / "report.md", render_markdown(blocks, out_dir))
     atomic_write_text(out_dir / "report.html", render_html(blocks))
-    return (note + "\n\n" if note else "") + summary_text(analysis)
+    return f"{note}\n\n{summary_text(analysis)}" if note else summary_text(analysis)

@@ -228,8 +228,9 @@ def evaluate_suite(
             executor = create_executor(backend, workers, controller_path, address)
             _run(executor, todo, results, protocol, bar)
 
-            phase2 = _transfer_cells(config, specs, phase1, load_records(results))
-            done = {record.key for record in load_records(results)}
+            records = load_records(results)
+            phase2 = _transfer_cells(config, specs, phase1, records)
+            done = {record.key for record in records}
             todo2 = [cell for cell in phase2 if cell.key not in done]
             bar.update(len(phase2) - len(todo2))
             _run(executor, todo2, results, protocol, bar)
