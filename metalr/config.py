@@ -130,6 +130,31 @@ class MetaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Task augmentation of the meta-training tasks (``metalr.tasks.augment``): each population draws its
+    factors from these ``[low, high]`` ranges; meta-validation and evaluation tasks are never augmented."""
+
+    param_scale: tuple[float, float] = (1.0, 1.0)  # log-uniform s: train phi = theta / s (Adam step x s, SGD x s^2)
+    loss_scale: tuple[float, float] = (1.0, 1.0)  # log-uniform c multiplying the training loss (SGD step x c)
+    label_noise: tuple[float, float] = (0.0, 0.0)  # uniform fraction of training labels redrawn (classification)
+
+    def __post_init__(self) -> None:
+        for name in ("param_scale", "loss_scale", "label_noise"):
+            value = getattr(self, name)
+            if len(value) != 2 or not value[0] <= value[1]:
+                raise ValueError(f"augment.{name} must be a [low, high] pair with low <= high, got {list(value)}")
+        if not (self.param_scale[0] > 0 and self.loss_scale[0] > 0):
+            raise ValueError(f"augment scales must be > 0, got {list(self.param_scale)=}, {list(self.loss_scale)=}")
+        if not 0 <= self.label_noise[0] <= self.label_noise[1] < 1:
+            raise ValueError(f"augment.label_noise must lie in [0, 1), got {list(self.label_noise)}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any range is wider than the identity (an identity config draws nothing)."""
+        return self != AugmentConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
     name: str = "controller"  # run and checkpoint name
     suite: str = "embedded"  # task suite: a name in tasks/ or a path to a YAML suite
@@ -140,6 +165,7 @@ class MetaTrainConfig:
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     controller: ControllerConfig = ControllerConfig()
     meta: MetaConfig = MetaConfig()
+    augment: AugmentConfig = AugmentConfig()  # task augmentation of meta-training tasks (identity by default)
 
     def __post_init__(self) -> None:
         # The name becomes a folder under out_dir: a path in it ("../x", "a/b") would write elsewhere.

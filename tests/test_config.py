@@ -39,7 +39,7 @@ def test_every_recipe_starts_with_the_command_that_runs_it() -> None:
     ("overrides", "message"),
     [
         (["meta.meta_stepz=5"], r"unknown key meta.meta_stepz; allowed keys: .*meta_steps"),
-        (["colour=red"], r"unknown key colour; allowed keys: controller, device"),
+        (["colour=red"], r"unknown key colour; allowed keys: augment, controller, device"),
         (["meta.meta_steps=abc"], r"meta.meta_steps: expected int, got str 'abc'"),
         (["meta.meta_steps=1.5"], r"meta.meta_steps: expected int, got float"),
         (["meta.meta_lr=true"], r"meta.meta_lr: expected float, got bool"),

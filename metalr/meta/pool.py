@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from metalr.config import FamilyEntry, MetaConfig
+from metalr.config import AugmentConfig, FamilyEntry, MetaConfig
 from metalr.controller import LRController
 from metalr.meta.distributed import WorkerContext
 from metalr.meta.estimators import BACKPROP_ESTIMATORS, Estimator
 from metalr.meta.resources import MemoryBudgetError, check_memory_budget, estimate_unroll_bytes
 from metalr.meta.unroll import InnerRun, start_run, unroll
 from metalr.tasks import TaskSpec, build_task, create_task_family
-from metalr.tasks.base import DEFAULT_LR_RANGES
+from metalr.tasks.augment import Augmentation
+from metalr.tasks.base import DEFAULT_LR_RANGES, log_uniform
 
 
 class MetaTrainingError(RuntimeError):
@@ -44,6 +45,7 @@ class TaskSampler:
 
     entries: tuple[FamilyEntry, ...]
     seed: int
+    augment: AugmentConfig = AugmentConfig()  # each population's augmentation is drawn from these ranges
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,7 +61,16 @@ class TaskSampler:
         """``size`` specs of one architecture: the first as :meth:`next_spec` draws it, the others with their
         own seed and a base LR from the family's range for the spec's optimizer."""
         first = self.next_spec()
+        if self.augment.enabled:  # an identity config draws nothing, so recipes without one sample as before
+            first = self.next_augmentation().on(first)
         return [first] + [self.member_of(first, self.member_draw()) for _ in range(size - 1)]
+
+    def next_augmentation(self) -> Augmentation:
+        """One population's augmentation (its members share it, so they stay one vmappable architecture)."""
+        a, g = self.augment, self.generator
+        noise_low, noise_high = a.label_noise
+        label_noise = noise_low + (noise_high - noise_low) * torch.rand((), generator=g, dtype=torch.float64).item()
+        return Augmentation(log_uniform(g, *a.param_scale), log_uniform(g, *a.loss_scale), label_noise)
 
     def member_draw(self) -> tuple[int, float]:
         """The random choices of a new population member: a task seed and a uniform for its base LR. Drawn

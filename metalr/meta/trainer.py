@@ -214,7 +214,7 @@ class MetaTrainer:
         self.schedule = make_truncation_schedule(
             m.truncation, m.unroll_length, min(m.min_unroll_length, m.unroll_length), m.curriculum_steps, config.seed
         )
-        self.sampler = TaskSampler(train_entries(config, self.suite.meta_train), config.seed)
+        self.sampler = TaskSampler(train_entries(config, self.suite.meta_train), config.seed, config.augment)
         # The checkpoints' optimizer_family: the one family trained on (no `optimizers` override = the default mix).
         self.controller.optimizer_family = family_of_optimizer_names(o for e in self.sampler.entries for o in e.overrides.get("optimizers", SamplingConfig().optimizers))  # type: ignore[assignment]
         # Validation families are drawn under the recipe's overrides too (its optimizers, LR ranges,

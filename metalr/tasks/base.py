@@ -271,6 +271,15 @@ def sample_common(generator: torch.Generator, config: SamplingConfig, family: st
     )
 
 
+def redraw_labels(labels: Tensor, fraction: float, num_classes: int, seed: int) -> Tensor:
+    """A copy of ``labels`` with each one redrawn uniformly over the classes with probability ``fraction``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.clone()
+    redraw = torch.rand(len(labels), generator=generator) < fraction
+    labels[redraw] = torch.randint(num_classes, (int(redraw.sum()),), generator=generator).to(labels)
+    return labels
+
+
 def seeded_model(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
     """Build a model with its initialisation seeded by ``seed``, leaving the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):

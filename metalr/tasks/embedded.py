@@ -28,6 +28,7 @@ from metalr.tasks.base import (
     classify_x,
     forward_x,
     log_uniform,
+    redraw_labels,
     sample_common,
     seeded_model,
     split_indices,
@@ -111,11 +112,7 @@ class SklearnMLPFamily:
         splits = _splits(x, y, spec.seed, o.get("train_fraction", 1.0))
         noise = float(o.get("label_noise", 0.0))
         if noise > 0:  # flip labels of the training split only: validation and test stay clean
-            g = torch.Generator().manual_seed(spec.seed + 1)
-            train_y = splits["train"]["y"].clone()
-            flip = torch.rand(len(train_y), generator=g) < noise
-            train_y[flip] = torch.randint(num_classes, (int(flip.sum()),), generator=g)
-            splits["train"]["y"] = train_y
+            splits["train"]["y"] = redraw_labels(splits["train"]["y"], noise, num_classes, spec.seed + 1)
         model = seeded_model(
             spec.seed,
             lambda: mlp(x.shape[1], num_classes, o["width"], o["depth"], o["activation"], o["init_scale"]),

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from metalr.config import ConfigError, SuiteConfig, read_suite, resolve_suite_path
+from metalr.tasks.augment import Augmentation, augment_task, unaugmented
 from metalr.tasks.base import SamplingConfig, Task, TaskFamily, TaskSpec
 
 _FAMILIES: dict[str, Callable[..., TaskFamily]] = {}
@@ -100,8 +101,10 @@ def load_suite(name_or_path: str) -> SuiteConfig:
 
 
 def build_task(spec: TaskSpec, device: str = "cpu") -> Task:
-    """Build the task a spec describes (on ``device``)."""
-    return create_task_family(spec.family).build(spec).to(device)
+    """Build the task a spec describes (on ``device``), with the augmentation it carries applied."""
+    task = create_task_family(spec.family).build(unaugmented(spec))
+    task.spec = spec
+    return augment_task(task, Augmentation.of(spec)).to(device)
 
 
 class FamilyEntryLike(Protocol):
