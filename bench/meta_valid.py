@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metalr.checkpoint import load_controller  # noqa: E402
 from metalr.meta.recipe import load_recipe  # noqa: E402
 from metalr.meta.trainer import build_controller, meta_validate, train_entries  # noqa: E402
+from metalr.meta.validation import validation_objective  # noqa: E402
 from metalr.tasks import load_suite  # noqa: E402
 from metalr.tasks.registry import sample_specs  # noqa: E402
 
@@ -46,7 +47,7 @@ def main() -> None:
         else:
             controller = load_controller(name)
         start = time.perf_counter()
-        score = meta_validate(controller, specs, power=config.meta.objective_power)
+        score = meta_validate(controller, specs, objective=validation_objective(config.meta))
         print(f"{name}: {score:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 

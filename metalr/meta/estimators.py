@@ -42,6 +42,7 @@ from metalr.meta.unroll import (
     Backend,
     Carry,
     InnerRun,
+    Objective,
     UnrollResult,
     index_tree,
     stack_trees,
@@ -136,8 +137,7 @@ class TruncatedBackprop:
             length,
             differentiable=True,
             detach_features=self.config.detach_features,
-            objective_every=self.config.objective_every,
-            objective_power=self.config.objective_power,
+            objective=Objective.of(self.config),
             valid_every=self.config.valid_every,
             backend=self.backend,
         )
@@ -240,12 +240,7 @@ class _ESBase:
         """
         frozen = {n: p.detach() for n, p in controller.theta().items() if n not in thetas[0][0]}
         weights = [[{**frozen, **t} for t in member] for member in thetas]
-        options = {
-            "objective_every": self.config.objective_every,
-            "valid_every": self.config.valid_every,
-            "objective_cap": self.config.objective_cap,
-            "objective_power": self.config.objective_power,
-        }
+        options = {"objective": Objective.of(self.config), "valid_every": self.config.valid_every}
         count = len(weights[0])
         if self.config.vectorize:
             starts = [r.with_carry(c) for r, c in zip(runs, carries, strict=True)]

@@ -29,7 +29,7 @@ from metalr.controller import LRController
 from metalr.meta.distributed import WorkerContext
 from metalr.meta.estimators import BACKPROP_ESTIMATORS, Estimator
 from metalr.meta.resources import MemoryBudgetError, check_memory_budget, estimate_unroll_bytes
-from metalr.meta.unroll import InnerRun, start_run, unroll
+from metalr.meta.unroll import InnerRun, Objective, start_run, unroll
 from metalr.tasks import TaskSpec, build_task, create_task_family
 from metalr.tasks.augment import Augmentation
 from metalr.tasks.base import DEFAULT_LR_RANGES, log_uniform
@@ -186,7 +186,7 @@ class TaskPool:
     def _start(self, spec: TaskSpec, skip: int) -> InnerRun:
         run = start_run(build_task(spec, self.device), self.controller, self.meta.valid_batch_size)
         if skip:
-            result = unroll(self.controller, run, skip, differentiable=False, objective_every=max(1, skip))
+            result = unroll(self.controller, run, skip, differentiable=False, objective=Objective(every=max(1, skip)))
             self.counters.pending_guard_events += result.alarms  # reported with the next meta-step's counters
             run = result.run
         return run

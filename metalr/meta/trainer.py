@@ -58,7 +58,14 @@ from metalr.meta.state import (
     write_state,
 )
 from metalr.meta.truncation import make_truncation_schedule
-from metalr.meta.validation import best_constant_lr, build_controller, meta_validate, rollout, rollout_score
+from metalr.meta.validation import (
+    best_constant_lr,
+    build_controller,
+    meta_validate,
+    rollout,
+    rollout_score,
+    validation_objective,
+)
 from metalr.tasks import SamplingConfig, TaskSpec, create_task_family, load_suite
 from metalr.tasks.registry import sample_specs
 
@@ -313,11 +320,12 @@ class MetaTrainer:
         """Short-horizon-bias diagnostic and LR traces on the probe tasks (main worker only)."""
         if not self.probe_best_lrs:
             self.probe_best_lrs = [
-                best_constant_lr(self.config.controller, s, self.device) for s in self.probe_specs
+                best_constant_lr(self.config.controller, s, self.device, validation_objective(self.meta))
+                for s in self.probe_specs
             ]
         ratios, traces = [], {}
         for spec, best_lr in zip(self.probe_specs, self.probe_best_lrs, strict=True):
-            _, lrs = rollout(self.controller, spec, self.device)
+            _, lrs = rollout(self.controller, spec, self.device)  # the LR trace; its score is not used
             ratios.append(sum(lrs) / len(lrs) / best_lr)
             traces[spec.label] = lrs
         self.logger.lr_traces(self.state.meta_step, traces)
@@ -402,9 +410,7 @@ class MetaTrainer:
                 provenance = {**self.provenance, "meta_steps": step}
                 save_controller(self.controller, self.run_dir / f"checkpoint-{step}.safetensors", provenance)
                 if self.valid_specs:
-                    score = meta_validate(
-                        self.controller, self.valid_specs, self.device, power=meta.objective_power
-                    )
+                    score = meta_validate(self.controller, self.valid_specs, self.device, validation_objective(meta))
                     record["meta_valid"] = score
                     if score < state.best:
                         state.best = score

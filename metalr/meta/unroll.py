@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from metalr.config import MetaConfig
 from metalr.controller import LRController, PolicyState, detach_tree
 from metalr.features import Observation, Tensors, predictive_entropy
 from metalr.meta.inner import InnerOptimizer, make_inner_optimizer
@@ -139,6 +140,44 @@ class Clock(NamedTuple):
 
     def tick(self) -> Clock:
         return self._replace(step=self.step + 1)
+
+
+class Objective(NamedTuple):
+    """How an unroll is scored: the mean of weighted, capped terms log(L_outer_valid(theta_t) / L_0).
+
+    Attributes:
+        every: measure the outer-valid loss every N inner steps (and always at the last one).
+        cap: clamp each term at this value and count a non-finite one (a diverged run) as it, so a diverged
+            particle scores the cap instead of voiding the truncation, and no single blow-up dominates the
+            meta-gradient. A loss of exactly 0 (``-inf``, e.g. a float32 cross-entropy underflow) is not a
+            divergence: it stays ``-inf``, and the trainer skips that truncation as it skips every
+            non-finite one. ``None``: no cap. A capped term has no gradient, so this is meant for ES/PES.
+        power: weight the term measured at step ``t`` of a ``T``-step task by ``(p + 1) (t / T)^p``, after
+            the cap. The weights average to 1 over a whole horizon, so the scale of the objective stays the
+            same. ``0`` weights every term equally (the mean loss over training); a larger ``p`` moves the
+            weight to the end of training, where the final loss is measured.
+    """
+
+    every: int = 1
+    cap: float | None = None
+    power: float = 0.0
+
+    @classmethod
+    def of(cls, meta: MetaConfig) -> Objective:
+        """The meta-training objective a recipe's ``meta`` settings describe."""
+        return cls(meta.objective_every, meta.objective_cap, meta.objective_power)
+
+    def term(self, log_ratio: Tensor, clock: Clock) -> Tensor:
+        """One measurement's contribution, from ``log(L / L_0)`` at ``clock`` (after the step)."""
+        if self.cap is not None:  # a zero loss (-inf) stays non-finite, so its truncation is skipped
+            log_ratio = torch.nan_to_num(log_ratio, nan=self.cap, posinf=self.cap, neginf=-math.inf)
+            log_ratio = log_ratio.clamp(max=self.cap)
+        if self.power:
+            log_ratio = log_ratio * ((self.power + 1) * (clock.step / clock.steps) ** self.power)
+        return log_ratio
+
+
+EVERY_STEP = Objective()  # measured after every inner step, uncapped, unweighted
 
 
 def lr_at(controller: LRController, log_factor: Tensor, clock: Clock) -> Tensor:
@@ -404,13 +443,11 @@ def unroll(
     length: int,
     differentiable: bool = True,
     detach_features: bool = False,
-    objective_every: int = 1,
+    objective: Objective = EVERY_STEP,
     valid_every: int = 10,
     theta: Mapping[str, Tensor] | None = None,
     backend: Backend = NATIVE,
     particles: int = 0,
-    objective_cap: float | None = None,
-    objective_power: float = 0.0,
 ) -> UnrollResult:
     """Advance ``run`` by up to ``length`` steps (stops at the task's horizon) and score it.
 
@@ -421,7 +458,7 @@ def unroll(
         differentiable: build the second-order graph (``create_graph=True``); False for plain rollouts.
         detach_features: stop gradients through the controller's inputs (cheaper, biased); default keeps
             the exact meta-gradient (checked against finite differences in the tests).
-        objective_every: measure the outer-valid loss every N inner steps (and always at the last one).
+        objective: how the unroll is scored (:class:`Objective`: measurement period, cap, weighting).
         valid_every: inner_valid measurement period for the validation feature (when the spec reads it).
         theta: controller weights to run with (``controller.theta()`` keys), e.g. an ES/PES perturbation;
             ``None`` runs the controller's own.
@@ -430,16 +467,6 @@ def unroll(
             every ``theta`` tensor have a leading dimension ``P``, all particles see the same batches, and the
             result's ``meta_loss`` has shape ``[P]`` (``lrs``/``train_losses`` follow particle 0, ``alarms``
             sums over particles). Needs ``differentiable=False`` and the native backend.
-        objective_cap: clamp each meta-objective term ``log(L / L_0)`` at this value and count a non-finite
-            one (a diverged run) as it, so a diverged particle scores the cap instead of voiding the
-            truncation, and no single blow-up dominates the meta-gradient. A loss of exactly 0 (``-inf``,
-            e.g. a float32 cross-entropy underflow) is not a divergence: it stays ``-inf``, and the trainer
-            skips that truncation as it skips every non-finite one. ``None``: no cap. A capped term
-            has no gradient, so this is meant for the ES/PES estimators.
-        objective_power: weight the term measured at step ``t`` of a ``T``-step task by
-            ``(p + 1) (t / T)^p``, after the cap. The weights average to 1 over a whole horizon, so the scale
-            of the objective stays the same. ``0`` weights every term equally (the mean loss over training).
-            A larger ``p`` moves the weight to the end of training, where the final loss is measured.
     """
     return _unroll(
         controller,
@@ -448,13 +475,11 @@ def unroll(
         population=False,
         differentiable=differentiable,
         detach_features=detach_features,
-        objective_every=objective_every,
+        objective=objective,
         valid_every=valid_every,
         theta=theta,
         backend=backend,
         particles=particles,
-        objective_cap=objective_cap,
-        objective_power=objective_power,
     )[0]
 
 
@@ -462,12 +487,10 @@ def unroll_population(
     controller: LRController,
     runs: Sequence[InnerRun],
     length: int,
-    objective_every: int = 1,
+    objective: Objective = EVERY_STEP,
     valid_every: int = 10,
     theta: Mapping[str, Tensor] | None = None,
     particles: int = 0,
-    objective_cap: float | None = None,
-    objective_power: float = 0.0,
 ) -> list[UnrollResult]:
     """:func:`unroll` of a *population*: tasks of one architecture in lockstep (:func:`population_key`).
 
@@ -475,7 +498,6 @@ def unroll_population(
     is what unrolling each member on its own would give, one :class:`UnrollResult` per member. The members'
     carries are stacked along a leading dimension ``M`` (before the particles'), and so is ``theta`` when
     given (each member has its own perturbations); ``None`` runs the controller's own weights for all.
-    ``objective_cap`` and ``objective_power`` as in :func:`unroll`.
     """
     if not runs:
         return []
@@ -486,13 +508,11 @@ def unroll_population(
         population=True,
         differentiable=False,
         detach_features=False,
-        objective_every=objective_every,
+        objective=objective,
         valid_every=valid_every,
         theta=theta,
         backend=NATIVE,
         particles=particles,
-        objective_cap=objective_cap,
-        objective_power=objective_power,
     )
 
 
@@ -504,13 +524,11 @@ def _unroll(
     population: bool,
     differentiable: bool,
     detach_features: bool,
-    objective_every: int,
+    objective: Objective,
     valid_every: int,
     theta: Mapping[str, Tensor] | None,
     backend: Backend,
     particles: int,
-    objective_cap: float | None,
-    objective_power: float,
 ) -> list[UnrollResult]:
     """The one unroll loop (of one run, or vmapped over a population); see :func:`unroll`."""
     members = [r.forked() for r in runs]
@@ -537,20 +555,15 @@ def _unroll(
         )
         return Carry(outcome.new_params, outcome.opt_state, update, policy), lr, outcome.loss, policy.features.alarm
 
-    def objective(params: Tensors, batch: Any, clock: Clock) -> Tensor:
-        term = torch.log(template.task.loss(template.model_call(params), batch) / clock.initial_valid_loss)
-        if objective_cap is not None:  # a zero loss (-inf) stays non-finite, so its truncation is skipped
-            term = torch.nan_to_num(term, nan=objective_cap, posinf=objective_cap, neginf=-math.inf)
-            term = term.clamp(max=objective_cap)
-        if objective_power:
-            term = term * ((objective_power + 1) * (clock.step / clock.steps) ** objective_power)
-        return term
+    def measure(params: Tensors, batch: Any, clock: Clock) -> Tensor:
+        loss = template.task.loss(template.model_call(params), batch)
+        return objective.term(torch.log(loss / clock.initial_valid_loss), clock)
 
     # One vmap level: over particles, over members, or over members x particles flattened into M * P lanes
     # (member-major), where each member's batch and clock are repeated for its particles. Nested vmaps
     # would work in principle, but some losses' batching rules (mse_loss) fail on mixed levels.
     repeat = particles if population and particles else 1
-    advance_fn, objective_fn = advance, objective
+    advance_fn, objective_fn = advance, measure
     if particles and not population:  # particles of one task share its batches and clock
         advance_fn = torch.func.vmap(advance_fn, in_dims=(0, 0, None, None), randomness="same")
         objective_fn = torch.func.vmap(objective_fn, in_dims=(0, None, None), randomness="same")
@@ -595,7 +608,7 @@ def _unroll(
             lrs.append(lr.detach())
             losses.append(loss.detach())
             alarms.append(alarm.detach())
-            if (k + 1) % objective_every == 0 or k == steps - 1:
+            if (k + 1) % objective.every == 0 or k == steps - 1:
                 terms.append(objective_fn(carry.params, next_batch("valid_stream"), clock))
         if population:
             if repeat > 1:

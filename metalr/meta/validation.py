@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from metalr.config import ControllerConfig
+from metalr.config import ControllerConfig, MetaConfig
 from metalr.controller import ArchConfig, LRController, PolicyConfig
 from metalr.features import FeatureSpec
-from metalr.meta.unroll import start_run, unroll
+from metalr.meta.unroll import Objective, start_run, unroll
 from metalr.tasks import TaskSpec, build_task
 
 
@@ -27,35 +27,43 @@ def build_controller(config: ControllerConfig) -> LRController:
     return LRController(spec, policy, ArchConfig(kind=config.kind, hidden=tuple(config.hidden)))
 
 
+# Validation measures every 10 inner steps and is never capped: a diverged run scores 10 (see rollout).
+VALIDATION = Objective(every=10)
+
+
+def validation_objective(meta: MetaConfig) -> Objective:
+    """How meta-validation scores a checkpoint under a recipe: :data:`VALIDATION`, weighted as its training."""
+    return VALIDATION._replace(power=meta.objective_power)
+
+
 def rollout_score(
-    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10, power: float = 0.0
+    controller: LRController, spec: TaskSpec, device: str = "cpu", objective: Objective = VALIDATION
 ) -> float:
     """Meta-objective of a whole training run under a frozen controller (no meta-gradient)."""
-    return rollout(controller, spec, device, every, power)[0]
+    return rollout(controller, spec, device, objective)[0]
 
 
 def rollout(
-    controller: LRController, spec: TaskSpec, device: str = "cpu", every: int = 10, power: float = 0.0
+    controller: LRController, spec: TaskSpec, device: str = "cpu", objective: Objective = VALIDATION
 ) -> tuple[float, list[float]]:
-    """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10.
-
-    ``power`` weights the objective's terms toward the end of training (``objective_power`` of :func:`unroll`).
-    """
+    """``(score, lr_trace)`` of a whole training run under a frozen controller; non-finite scores -> 10."""
     run = start_run(build_task(spec, device), controller)
-    result = unroll(controller, run, spec.steps, differentiable=False, objective_every=every, objective_power=power)
+    result = unroll(controller, run, spec.steps, differentiable=False, objective=objective)
     value = float(result.meta_loss)
     return (value if math.isfinite(value) else 10.0), result.lrs
 
 
 def meta_validate(
-    controller: LRController, specs: list[TaskSpec], device: str = "cpu", power: float = 0.0
+    controller: LRController, specs: list[TaskSpec], device: str = "cpu", objective: Objective = VALIDATION
 ) -> float:
-    """Mean full-horizon meta-objective over validation tasks (lower is better); ``power`` as in :func:`rollout`."""
-    return sum(rollout_score(controller, s, device, power=power) for s in specs) / max(1, len(specs))
+    """Mean full-horizon meta-objective over validation tasks (lower is better)."""
+    return sum(rollout_score(controller, s, device, objective) for s in specs) / max(1, len(specs))
 
 
-def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device: str = "cpu") -> float:
-    """The best constant LR for ``spec`` on a grid of base_lr x 2^k, k = -4..4 (full-horizon meta-objective).
+def best_constant_lr(
+    controller_config: ControllerConfig, spec: TaskSpec, device: str = "cpu", objective: Objective = VALIDATION
+) -> float:
+    """The best constant LR for ``spec`` on a grid of base_lr x 2^k, k = -4..4 (full-horizon ``objective``).
 
     An untrained controller with the guardrail off is exactly a constant schedule at its base LR.
     """
@@ -65,5 +73,5 @@ def best_constant_lr(controller_config: ControllerConfig, spec: TaskSpec, device
     scored = []
     for k in range(-4, 5):
         lr = min(controller_config.max_lr, max(controller_config.min_lr, spec.base_lr * 2.0**k))
-        scored.append((rollout_score(constant, spec.replace(base_lr=lr), device), lr))
+        scored.append((rollout_score(constant, spec.replace(base_lr=lr), device, objective), lr))
     return min(scored)[1]

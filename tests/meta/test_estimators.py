@@ -19,7 +19,7 @@ from metalr.features import FeatureSpec
 from metalr.meta.estimators import EstimatorError, create_estimator
 from metalr.meta.recipe import load_recipe
 from metalr.meta.truncation import make_truncation_schedule
-from metalr.meta.unroll import InnerRun, start_run, unroll, unroll_population
+from metalr.meta.unroll import InnerRun, Objective, start_run, unroll, unroll_population
 from metalr.tasks import TaskSpec, build_task, create_task_family
 
 HORIZON, TRUNCATION = 40, 5
@@ -252,9 +252,9 @@ def test_a_vectorised_population_agrees_with_its_members_estimated_one_by_one_in
 def test_a_population_unroll_is_its_members_unrolled_alone() -> None:
     controller = LRController(policy=PolicyConfig(base_schedule="cosine")).double()
     runs = _population(controller, 2)
-    together = unroll_population(controller, runs, 12, objective_every=4)
+    together = unroll_population(controller, runs, 12, objective=Objective(every=4))
     for run, result in zip(runs, together, strict=True):
-        alone = unroll(controller, run, 12, differentiable=False, objective_every=4)
+        alone = unroll(controller, run, 12, differentiable=False, objective=Objective(every=4))
         assert float(result.meta_loss) == pytest.approx(float(alone.meta_loss), rel=1e-9)
         assert result.lrs == pytest.approx(alone.lrs, rel=1e-9)
         assert result.run.step == alone.run.step == 12
@@ -280,13 +280,13 @@ def test_objective_cap_scores_a_diverged_run_at_the_cap_instead_of_voiding_its_t
     )
     diverging = start_run(build_task(_quadratic(base_lr=50.0)), controller, valid_batch_size=16)  # float32
     raw = unroll(controller, diverging, HORIZON, differentiable=False)
-    capped = unroll(controller, diverging, HORIZON, differentiable=False, objective_cap=1.0)
+    capped = unroll(controller, diverging, HORIZON, differentiable=False, objective=Objective(cap=1.0))
     assert not math.isfinite(float(raw.meta_loss)), "the fixture must diverge past float32's range"
     assert math.isfinite(float(capped.meta_loss)) and 0.0 < float(capped.meta_loss) <= 1.0
     stable = _fresh(controller.double())  # converges: a cap above every term changes nothing, one below lowers it
     plain = unroll(controller, stable, HORIZON, differentiable=False)
-    assert float(unroll(controller, stable, HORIZON, differentiable=False, objective_cap=50.0).meta_loss) == float(plain.meta_loss)
-    assert float(unroll(controller, stable, HORIZON, differentiable=False, objective_cap=-1.0).meta_loss) < float(plain.meta_loss)
+    assert float(unroll(controller, stable, HORIZON, differentiable=False, objective=Objective(cap=50.0)).meta_loss) == float(plain.meta_loss)
+    assert float(unroll(controller, stable, HORIZON, differentiable=False, objective=Objective(cap=-1.0)).meta_loss) < float(plain.meta_loss)
     controller.float()
     for cap, finite in ((None, False), (1.0, True)):
         pes = create_estimator(MetaConfig(estimator="pes", es_pairs=2, objective_cap=cap))
@@ -296,7 +296,7 @@ def test_objective_cap_scores_a_diverged_run_at_the_cap_instead_of_voiding_its_t
     solved = _fresh(controller.double())  # a loss of exactly 0 is not a divergence: -inf, not the cap
     loss = solved.task.loss
     object.__setattr__(solved.task, "loss", lambda output, batch: 0.0 * loss(output, batch))
-    assert float(unroll(controller, solved, 1, differentiable=False, objective_cap=1.0).meta_loss) == -math.inf
+    assert float(unroll(controller, solved, 1, differentiable=False, objective=Objective(cap=1.0)).meta_loss) == -math.inf
     controller.float()
     with pytest.raises(EstimatorError, match="objective_cap applies to the ES/PES estimators"):
         create_estimator(MetaConfig(estimator="tbptt", objective_cap=1.0))
@@ -314,7 +314,7 @@ def test_objective_power_weights_each_term_by_its_progress_after_the_cap() -> No
         values, current = [], run
         for _ in range(steps):
             result = unroll(
-                controller, current, 1, differentiable=False, objective_cap=cap, objective_power=power
+                controller, current, 1, differentiable=False, objective=Objective(cap=cap, power=power)
             )
             values.append(float(result.meta_loss))
             current = result.run
@@ -323,9 +323,9 @@ def test_objective_power_weights_each_term_by_its_progress_after_the_cap() -> No
     plain, weighted = terms(0.0), terms(3.0)
     for t, (p, w) in enumerate(zip(plain, weighted, strict=True), start=1):
         assert w == pytest.approx(4 * (t / steps) ** 3 * p, rel=1e-9)
-    whole = unroll(controller, run, steps, differentiable=False, objective_power=3.0)
+    whole = unroll(controller, run, steps, differentiable=False, objective=Objective(power=3.0))
     assert float(whole.meta_loss) == pytest.approx(sum(weighted) / steps, rel=1e-9)
-    assert float(unroll(controller, run, steps, differentiable=False, objective_power=0.0).meta_loss) == float(
+    assert float(unroll(controller, run, steps, differentiable=False, objective=Objective(power=0.0)).meta_loss) == float(
         unroll(controller, run, steps, differentiable=False).meta_loss
     ), "power 0 is the unweighted objective, bit for bit"
     cap = sorted(plain)[steps // 2]  # the cap clamps the raw term, then the weight applies

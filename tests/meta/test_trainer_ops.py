@@ -13,7 +13,7 @@ import torch
 from metalr.config import ConfigError, MetaTrainConfig, build_config
 from metalr.meta.resources import MemoryBudgetError, check_memory_budget, estimate_unroll_bytes
 from metalr.meta.trainer import MetaTrainingError, build_controller, meta_train
-from metalr.meta.unroll import start_run, unroll
+from metalr.meta.unroll import Objective, start_run, unroll
 from metalr.tasks import TaskSpec, build_task
 
 
@@ -86,7 +86,7 @@ def _bytes_saved_for_backward(controller: torch.nn.Module, run: object, length: 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = unroll(controller, run, length, differentiable=True, objective_every=1)
+        result = unroll(controller, run, length, differentiable=True, objective=Objective(every=1))
     result.meta_loss.backward()  # the graph that was measured is the one the meta-gradient uses
     return sum(storage.nbytes() for storage in kept.values())
 

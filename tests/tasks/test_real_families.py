@@ -229,13 +229,13 @@ def test_a_frozen_controller_rollout_trains_every_model_kind(name: str, fixture_
     meta-training run on cpu-small crashed while staggering its first SST-2 task.
     """
     from metalr.controller import LRController
-    from metalr.meta.unroll import start_run, unroll
+    from metalr.meta.unroll import Objective, start_run, unroll
 
     family = _family(name, fixture_dir)
     task = family.build(_tiny_spec(family).replace(steps=3))
     controller = LRController()
     run = start_run(task, controller, valid_batch_size=8)
-    result = unroll(controller, run, 3, differentiable=False, objective_every=1)
+    result = unroll(controller, run, 3, differentiable=False, objective=Objective(every=1))
     assert result.run.step == 3 and len(result.lrs) == 3
     assert math.isfinite(float(result.meta_loss))
     assert not any(p.requires_grad for p in result.run.params)
