@@ -39,6 +39,7 @@ from metalr.config import MetaTrainConfig, build_config  # noqa: E402
 from metalr.controller import LRController  # noqa: E402
 from metalr.meta.unroll import start_run, unroll  # noqa: E402
 from metalr.tasks import TaskSpec, build_task  # noqa: E402
+from metalr.tasks.augment import Augmentation  # noqa: E402
 from metalr.tasks.optimizers import make_torch_optimizer  # noqa: E402
 
 
@@ -240,17 +241,24 @@ def scale_out(steps: int, repeats: int) -> list[tuple[float, float, float]]:
 
 
 def pes_steps_per_second(
-    pairs: int, vectorize: bool, truncations: int, length: int, batch: int, population: int = 1
+    pairs: int,
+    vectorize: bool,
+    truncations: int,
+    length: int,
+    batch: int,
+    population: int = 1,
+    augmentation: Augmentation | None = None,
 ) -> float:
     """Inner steps per process-CPU-second of PES on the digits MLP 64x2 (every particle's steps counted).
 
     ``population`` tasks of that architecture (own seeds and base LRs) are estimated together with
-    ``estimator.many`` - one vmapped unroll of population x particles when vectorised.
+    ``estimator.many`` - one vmapped unroll of population x particles when vectorised. ``augmentation`` is
+    applied to every task (metalr.tasks.augment).
     """
     from metalr.config import MetaConfig
     from metalr.meta.estimators import create_estimator
 
-    spec = _spec("adam", 64, 2, batch).replace(steps=1000)
+    spec = (augmentation or Augmentation()).on(_spec("adam", 64, 2, batch).replace(steps=1000))
     specs = [spec.replace(seed=spec.seed + m, base_lr=spec.base_lr * 1.5**m) for m in range(population)]
     controller = LRController().requires_grad_(True)
     estimator = create_estimator(MetaConfig(estimator="pes", es_pairs=pairs, vectorize=vectorize, objective_every=10))
@@ -305,12 +313,43 @@ def pes_throughput(truncations: int, pairs: int, batch: int, population: int) ->
     return lines
 
 
+def augmentation_overhead(truncations: int, pairs: int, batch: int, population: int) -> list[str]:
+    """Vectorised PES throughput with each augmentation against none, measured alternately in one process."""
+    variants = {
+        "none": Augmentation(),
+        "param_scale 2 (Reparameterized model)": Augmentation(param_scale=2.0),
+        "loss_scale 2": Augmentation(loss_scale=2.0),
+        "label_noise 0.1": Augmentation(label_noise=0.1),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(2):
+        for name, augmentation in variants.items():
+            rates[name].append(pes_steps_per_second(pairs, True, truncations, 50, batch, population, augmentation))
+    base = statistics.median(rates["none"])
+    lines = [
+        "## Task augmentation: PES throughput with and without",
+        "",
+        f"As the PES throughput table: digits MLP 64x2, Adam, batch {batch}, {population} tasks x {2 * pairs} "
+        f"particles vmapped, truncations of 50, {truncations} per measurement, the variants alternating twice (median).",
+        "",
+        "| augmentation | steps/s | ratio to none |",
+        "|---|---|---|",
+    ]
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--pes-throughput",
         action="store_true",
         help="only the PES throughput comparison (its last line: 'pes-throughput: vectorised V steps/s, ...')",
+    )
+    parser.add_argument(
+        "--augmentation", action="store_true", help="only the task-augmentation overhead on PES throughput"
     )
     parser.add_argument("--pes-truncations", type=int, default=4, help="truncations per PES measurement")
     parser.add_argument("--pes-pairs", type=int, default=16)
@@ -326,6 +365,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.pes_throughput:
         print("\n".join(pes_throughput(args.pes_truncations, args.pes_pairs, args.pes_batch, args.pes_population)), flush=True)
+        return
+    if args.augmentation:
+        print("\n".join(augmentation_overhead(args.pes_truncations, args.pes_pairs, args.pes_batch, args.pes_population)))
         return
     lines = [
         "# Meta-training engine benchmarks",

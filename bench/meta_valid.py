@@ -7,6 +7,8 @@ A run's meta-valid sample is drawn from its recipe seed (``sample_specs(meta_val
 of different seeds are scored on different tasks; scoring every checkpoint on one seed's sample makes them
 comparable. ``untrained`` is the controller the trainer starts from with that seed (plain base schedule).
 Scores use the recipe's meta-objective (its ``meta.objective_power``); ``--set`` scores under another.
+``mean:A,B,...`` scores the controller whose weights are the mean of checkpoints A, B, ... (one run's last
+checkpoints: a test of whether averaging beats picking one on a noisy validation score).
 """
 
 from __future__ import annotations
@@ -21,11 +23,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metalr.checkpoint import load_controller  # noqa: E402
+from metalr.controller import LRController  # noqa: E402
 from metalr.meta.recipe import load_recipe  # noqa: E402
 from metalr.meta.trainer import build_controller, meta_validate, train_entries  # noqa: E402
 from metalr.meta.validation import validation_objective  # noqa: E402
 from metalr.tasks import load_suite  # noqa: E402
 from metalr.tasks.registry import sample_specs  # noqa: E402
+
+
+def averaged(controllers: list[LRController]) -> LRController:
+    """The first controller with its weights replaced by the mean of all of them (one architecture)."""
+    states = [c.state_dict() for c in controllers]
+    if any(s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s) for s in states):
+        raise SystemExit("mean: the checkpoints have different architectures")
+    controllers[0].load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]})
+    return controllers[0]
 
 
 def main() -> None:
@@ -41,7 +53,9 @@ def main() -> None:
     specs = sample_specs(train_entries(config, load_suite(config.suite).meta_valid), 2, args.sample_seed + 1)
     print(f"meta-valid sample (recipe seed {args.sample_seed}): {', '.join(s.label for s in specs)}")
     for name in args.controllers:
-        if name == "untrained":
+        if name.startswith("mean:"):
+            controller = averaged([load_controller(path) for path in name.removeprefix("mean:").split(",")])
+        elif name == "untrained":
             torch.manual_seed(args.sample_seed)  # as the trainer initialises it
             controller = build_controller(config.controller)
         else:
