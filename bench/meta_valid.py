@@ -3,12 +3,14 @@
     METALR_DATA_DIR=../shared/data .venv/bin/python bench/meta_valid.py meta_train/adam-cpu.yaml --sample-seed 0 \\
         checkpoints/adam-cpu.safetensors runs/adam-cpu-seed1/best.safetensors untrained
 
-A run's meta-valid sample is drawn from its recipe seed (``sample_specs(meta_valid, 2, seed + 1)``), so runs
+A run's meta-valid sample is drawn from its recipe seed (``sample_specs(meta_valid, meta.valid_per_family, seed + 1)``;
+``--set meta.valid_per_family=4`` scores on a larger sample whose first tasks are the default sample's), so runs
 of different seeds are scored on different tasks; scoring every checkpoint on one seed's sample makes them
 comparable. ``untrained`` is the controller the trainer starts from with that seed (plain base schedule).
 Scores use the recipe's meta-objective (its ``meta.objective_power``); ``--set`` scores under another.
 ``mean:A,B,...`` scores the controller whose weights are the mean of checkpoints A, B, ... (one run's last
-checkpoints: a test of whether averaging beats picking one on a noisy validation score).
+checkpoints: a test of whether averaging beats picking one on a noisy validation score). Each line also
+shows the per-task terms whose mean is the score, to see how much of a difference one task carries.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metalr.checkpoint import load_controller  # noqa: E402
 from metalr.controller import LRController  # noqa: E402
 from metalr.meta.recipe import load_recipe  # noqa: E402
-from metalr.meta.trainer import build_controller, meta_validate, train_entries  # noqa: E402
-from metalr.meta.validation import validation_objective  # noqa: E402
+from metalr.meta.trainer import build_controller, train_entries  # noqa: E402
+from metalr.meta.validation import rollout_score, validation_objective  # noqa: E402
 from metalr.tasks import load_suite  # noqa: E402
 from metalr.tasks.registry import sample_specs  # noqa: E402
 
@@ -50,7 +52,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     config = load_recipe(args.recipe, [f"seed={args.sample_seed}", *args.set])
-    specs = sample_specs(train_entries(config, load_suite(config.suite).meta_valid), 2, args.sample_seed + 1)
+    specs = sample_specs(
+        train_entries(config, load_suite(config.suite).meta_valid), config.meta.valid_per_family, args.sample_seed + 1
+    )
     print(f"meta-valid sample (recipe seed {args.sample_seed}): {', '.join(s.label for s in specs)}")
     for name in args.controllers:
         if name.startswith("mean:"):
@@ -61,8 +65,11 @@ def main() -> None:
         else:
             controller = load_controller(name)
         start = time.perf_counter()
-        score = meta_validate(controller, specs, objective=validation_objective(config.meta))
-        print(f"{name}: {score:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        # meta_validate's mean, with its terms kept
+        terms = [rollout_score(controller, spec, objective=validation_objective(config.meta)) for spec in specs]
+        score = sum(terms) / len(terms)
+        per_task = " ".join(f"{t:+.3f}" for t in terms)
+        print(f"{name}: {score:.4f} [{per_task}] ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,10 +94,16 @@ class MetaConfig:
     state_every: int = 10  # meta-steps between resume-state writes (crash safety; 0 = never)
     probe_every: int = 0  # meta-steps between probe rollouts (LR traces, short-horizon-bias ratio; 0 = off)
     probe_tasks: int = 2  # probe tasks (from meta_valid families, else meta_train), full horizon each
+    # meta-valid tasks drawn per meta_valid family, scored at every checkpoint (model selection): more tasks
+    # rank checkpoints less noisily (research log E2-7) at the cost of a longer scoring
+    valid_per_family: int = 2
     tensorboard: bool = False  # also log to TensorBoard (run_dir/tensorboard; needs the tensorboard extra)
 
     def __post_init__(self) -> None:
-        positive = ("meta_steps", "meta_batch", "population", "unroll_length", "valid_batch_size", "objective_every", "log_every")
+        positive = (
+            "meta_steps", "meta_batch", "population", "unroll_length", "valid_batch_size", "objective_every",
+            "log_every", "valid_per_family",
+        )
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
         if bad:
             raise ValueError(f"must be positive: {', '.join(bad)}")

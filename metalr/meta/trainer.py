@@ -227,7 +227,7 @@ class MetaTrainer:
         # Validation families are drawn under the recipe's overrides too (its optimizers, LR ranges,
         # horizons), so checkpoint selection measures the task distribution the recipe trains for.
         valid_entries = train_entries(config, self.suite.meta_valid)
-        self.valid_specs = sample_specs(valid_entries, 2, config.seed + 1) if valid_entries else []
+        self.valid_specs = sample_specs(valid_entries, m.valid_per_family, config.seed + 1) if valid_entries else []
         self.probe_specs: list[TaskSpec] = []
         if m.probe_every and m.probe_tasks:
             self.probe_specs = sample_specs(valid_entries or self.sampler.entries, 1, config.seed + 2)[: m.probe_tasks]

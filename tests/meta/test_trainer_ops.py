@@ -223,6 +223,19 @@ def test_validation_and_probe_tasks_follow_the_recipe_overrides(tmp_path: Path) 
     assert specs and all(s.optimizer == "adam" and 1e-3 <= s.base_lr <= 2e-3 and 20 <= s.steps <= 30 for s in specs)
 
 
+def test_valid_per_family_sets_the_selection_sample_and_keeps_its_first_tasks(tmp_path: Path) -> None:
+    from metalr.meta.trainer import MetaTrainer
+
+    small = MetaTrainer(_config({"valid_per_family": 2}), tmp_path / "small", progress=False).valid_specs
+    large = MetaTrainer(_config({"valid_per_family": 3}), tmp_path / "large", progress=False).valid_specs
+    families = {s.family for s in small}
+    assert len(small) == 2 * len(families) and len(large) == 3 * len(families)
+    for family in families:  # the larger sample extends the smaller one, family by family
+        assert [s for s in large if s.family == family][:2] == [s for s in small if s.family == family]
+    with pytest.raises(ValueError, match="valid_per_family=0"):
+        _config({"valid_per_family": 0})
+
+
 def _population_config(vectorize: bool) -> MetaTrainConfig:
     return _config(
         {"estimator": "pes", "es_pairs": 2, "population": 2, "meta_batch": 4, "vectorize": vectorize, "meta_steps": 3},
