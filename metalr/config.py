@@ -97,6 +97,9 @@ class MetaConfig:
     # meta-valid tasks drawn per meta_valid family, scored at every checkpoint (model selection): more tasks
     # rank checkpoints less noisily (research log E2-7) at the cost of a longer scoring
     valid_per_family: int = 2
+    # how the best checkpoint is picked (a name in `metalr.meta.validation.SELECTIONS`): "mean" meta-valid
+    # term, or "wins": the most meta-valid tasks beaten against the untrained controller (the base schedule)
+    selection: str = "mean"
     tensorboard: bool = False  # also log to TensorBoard (run_dir/tensorboard; needs the tensorboard extra)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Loading a meta-training recipe: the config as data, then every name in it checked by its owner.
 
 ``metalr.config`` is data and imports no subsystem, so the names a recipe gives are checked here, when
-the recipe is loaded and before anything runs: the estimator, truncation schedule and backend against
+the recipe is loaded and before anything runs: the estimator, truncation schedule, backend and selection against
 meta's own registries, the controller by building it (feature groups, base schedule, kind, LR bounds:
 ``metalr.features`` and ``metalr.controller`` reject what they cannot build), the task suite and
 ``train_overrides`` by the task registry. Every failure is a one-line :class:`ConfigError`.
@@ -19,6 +19,7 @@ from metalr.config import ConfigError, MetaTrainConfig, load_config
 from metalr.meta.estimators import ESTIMATORS
 from metalr.meta.trainer import build_controller, train_entries
 from metalr.meta.truncation import TRUNCATION_SCHEDULES
+from metalr.meta.validation import SELECTIONS
 from metalr.tasks import load_suite
 
 BACKENDS = ("native", "higher")  # the unroll implementations of metalr.meta.estimators.get_unroll
@@ -34,6 +35,7 @@ def check_recipe(config: MetaTrainConfig, where: str = "recipe") -> None:
     _check_name(where, "estimator", config.meta.estimator, ESTIMATORS)
     _check_name(where, "truncation", config.meta.truncation, TRUNCATION_SCHEDULES)
     _check_name(where, "backend", config.meta.backend, BACKENDS)
+    _check_name(where, "selection", config.meta.selection, SELECTIONS)
     try:
         build_controller(config.controller)
     except (ValueError, TypeError) as err:

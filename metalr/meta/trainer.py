@@ -21,8 +21,10 @@ from the newest one all workers have, bit-identically.
 ``meta_grad_norm`` (before clipping), ``estimator_variance`` (mean squared deviation of the per-task
 meta-gradients from their mean in the last meta-step: the noise of the estimator plus task diversity),
 ``truncation_length``, ``skipped_truncations`` / ``attempted_truncations``, ``guard_events`` (total so
-far), ``mean_lr_ratio`` (controller LR / task base LR), ``refused_tasks``; at checkpoints ``meta_valid``;
-at probes ``probe_shb_ratio`` (short-horizon-bias diagnostic: controller's mean LR / best constant LR on
+far), ``mean_lr_ratio`` (controller LR / task base LR), ``refused_tasks``; at checkpoints ``meta_valid``
+(mean term on the meta-valid tasks), ``meta_valid_untrained`` (the untrained controller's: the base schedule)
+and ``meta_valid_wins`` (the fraction of those tasks on which the checkpoint beats it; ``meta.selection``
+picks best.safetensors by one or the other); at probes ``probe_shb_ratio`` (short-horizon-bias diagnostic: controller's mean LR / best constant LR on
 probe tasks, geometric mean; well below 1 is the LR collapse of Wu et al., ICLR 2018) and LR traces.
 """
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,15 @@ from metalr.meta.state import (
 )
 from metalr.meta.truncation import make_truncation_schedule
 from metalr.meta.validation import (
+    SELECTIONS,
     best_constant_lr,
     build_controller,
     meta_validate,
     rollout,
     rollout_score,
     validation_objective,
+    validation_terms,
+    wins,
 )
 from metalr.tasks import SamplingConfig, TaskSpec, create_task_family, load_suite
 from metalr.tasks.registry import sample_specs
@@ -96,7 +101,7 @@ class LoopState(PoolCounters):
     attempted: int = 0
     skipped: int = 0
     guard_events: int = 0
-    best: float = math.inf
+    best: list[float] = field(default_factory=list)  # the selection key of best.safetensors (none yet: empty)
     window_sum: float = 0.0
     window_count: int = 0
     window_lr_sum: float = 0.0
@@ -232,6 +237,7 @@ class MetaTrainer:
         if m.probe_every and m.probe_tasks:
             self.probe_specs = sample_specs(valid_entries or self.sampler.entries, 1, config.seed + 2)[: m.probe_tasks]
         self.probe_best_lrs: list[float] = []
+        self.reference_terms: list[float] = []  # the untrained controller's meta-valid terms (at the first checkpoint)
         # The code that trains, taken now: HEAD when a checkpoint is written may be a later commit.
         self.provenance: dict[str, Any] = {
             "recipe": config.name, "suite": self.suite.name, "seed": config.seed, "git_commit": git_commit()
@@ -335,6 +341,25 @@ class MetaTrainer:
             "probe_lr_traces": {label: lrs[::stride] for label, lrs in traces.items()},
         }
 
+    def _select(self, provenance: dict[str, Any]) -> dict[str, Any]:
+        """Score the controller on meta-valid; rewrite best.safetensors when it ranks first so far."""
+        objective = validation_objective(self.meta)
+        if not self.reference_terms:  # the untrained controller is exactly the base schedule (any init)
+            with torch.random.fork_rng(devices=[]):  # drawing its weights leaves the training RNG alone
+                untrained = build_controller(self.config.controller).to(self.device)
+            self.reference_terms = validation_terms(untrained, self.valid_specs, self.device, objective)
+        terms = validation_terms(self.controller, self.valid_specs, self.device, objective)
+        scores = {
+            "meta_valid": sum(terms) / len(terms),
+            "meta_valid_wins": wins(terms, self.reference_terms),
+            "meta_valid_untrained": sum(self.reference_terms) / len(self.reference_terms),
+        }
+        key = list(SELECTIONS[self.meta.selection](terms, self.reference_terms))
+        if not self.state.best or key < self.state.best:
+            self.state.best = key
+            save_controller(self.controller, self.run_dir / "best.safetensors", {**provenance, **scores})
+        return scores
+
     def _save_resume_state(self) -> None:
         table = TensorTable()
         for name, tensor in self.controller.state_dict().items():
@@ -351,6 +376,7 @@ class MetaTrainer:
             "optimizer": put_optimizer(table, "meta_optimizer", self.meta_optimizer),
             "runs": runs,
             "probe_best_lrs": self.probe_best_lrs,
+            "reference_terms": self.reference_terms,
             "world_size": self.context.world_size,
             "owners": self.pool.owners,
             "costs": self.pool.costs,
@@ -376,6 +402,9 @@ class MetaTrainer:
         self.state = LoopState(**record["loop"])
         self.pool.counters = self.state  # the pool counts refusals and staggering guard events into it
         self.probe_best_lrs = list(record["probe_best_lrs"])
+        self.reference_terms = list(record.get("reference_terms", []))  # states before meta.selection: none
+        if not isinstance(self.state.best, list):  # states before meta.selection kept the best mean alone
+            self.state.best = [] if math.isinf(self.state.best) else [self.state.best]
         self.pool.owners, self.pool.costs = list(record["owners"]), list(record["costs"])
         for slot_key, run_record in record["runs"].items():
             slot = int(slot_key)
@@ -410,15 +439,7 @@ class MetaTrainer:
                 provenance = {**self.provenance, "meta_steps": step}
                 save_controller(self.controller, self.run_dir / f"checkpoint-{step}.safetensors", provenance)
                 if self.valid_specs:
-                    score = meta_validate(self.controller, self.valid_specs, self.device, validation_objective(meta))
-                    record["meta_valid"] = score
-                    if score < state.best:
-                        state.best = score
-                        save_controller(
-                            self.controller,
-                            self.run_dir / "best.safetensors",
-                            {**provenance, "meta_valid": score},
-                        )
+                    record |= self._select(provenance)
             if self.context.is_main and self.probe_specs and step % meta.probe_every == 0:
                 record |= self._probe()
             if record or step % meta.log_every == 0 or step == meta.meta_steps:

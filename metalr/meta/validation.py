@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from metalr.config import ControllerConfig, MetaConfig
@@ -53,11 +54,37 @@ def rollout(
     return (value if math.isfinite(value) else 10.0), result.lrs
 
 
+def validation_terms(
+    controller: LRController, specs: Sequence[TaskSpec], device: str = "cpu", objective: Objective = VALIDATION
+) -> list[float]:
+    """The full-horizon meta-objective of each validation task (lower is better)."""
+    return [rollout_score(controller, s, device, objective) for s in specs]
+
+
 def meta_validate(
-    controller: LRController, specs: list[TaskSpec], device: str = "cpu", objective: Objective = VALIDATION
+    controller: LRController, specs: Sequence[TaskSpec], device: str = "cpu", objective: Objective = VALIDATION
 ) -> float:
     """Mean full-horizon meta-objective over validation tasks (lower is better)."""
-    return sum(rollout_score(controller, s, device, objective) for s in specs) / max(1, len(specs))
+    return _mean(validation_terms(controller, specs, device, objective))
+
+
+def _mean(terms: Sequence[float]) -> float:
+    return sum(terms) / max(1, len(terms))
+
+
+def wins(terms: Sequence[float], reference: Sequence[float]) -> float:
+    """The fraction of tasks on which ``terms`` beat ``reference`` (the untrained controller: the base schedule)."""
+    return sum(t < r for t, r in zip(terms, reference, strict=True)) / max(1, len(terms))
+
+
+# How checkpoints are ranked on meta-valid (``meta.selection``): a key of (terms, the untrained controller's
+# terms on the same tasks); the lowest key is best.safetensors. "mean" is the meta-objective itself, which one
+# task with large log-ratios can decide (research log, selection noise); "wins" ranks by how many tasks beat
+# the base schedule at the same LR, the first controllers-v2 target, with the mean breaking ties.
+SELECTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], tuple[float, ...]]] = {
+    "mean": lambda terms, reference: (_mean(terms),),
+    "wins": lambda terms, reference: (-wins(terms, reference), _mean(terms)),
+}
 
 
 def best_constant_lr(

@@ -291,3 +291,46 @@ def test_a_new_population_goes_to_the_worker_whose_other_populations_cost_least(
     assert least_loaded([0, 1, 0, 1], [1.0, 5.0, 9.0, 1.0], 2, group=2) == 0
     assert least_loaded([0, 0, 0], [1.0, 1.0, 1.0], 3, group=0) in (1, 2)  # idle workers first
     assert least_loaded([0, 0, 0], [1.0, 1.0, 1.0], 3, group=0) == 1  # then the lowest rank
+
+
+def test_wins_counts_tasks_beaten_and_ranks_before_the_mean() -> None:
+    from metalr.meta.validation import SELECTIONS, wins
+
+    reference = [0.0, 0.0, -1.0]
+    many_small = [-0.1, -0.1, 0.5]  # beats 2 of 3 tasks, mean +0.1: one bad task decides the mean
+    one_large = [-3.0, 0.1, -0.9]  # beats 1 of 3, mean -1.27
+    assert wins(many_small, reference) == pytest.approx(2 / 3) and wins(one_large, reference) == pytest.approx(1 / 3)
+    assert wins(reference, reference) == 0  # a tie is not a win: the untrained controller beats nothing
+    assert SELECTIONS["wins"](many_small, reference) < SELECTIONS["wins"](one_large, reference)
+    assert SELECTIONS["mean"](one_large, reference) < SELECTIONS["mean"](many_small, reference)
+
+
+@pytest.mark.parametrize("selection", ["mean", "wins"])
+def test_best_checkpoint_is_the_one_its_selection_ranks_first(tmp_path: Path, selection: str) -> None:
+    from metalr import load_controller
+    from metalr.meta.trainer import MetaTrainer
+    from metalr.meta.validation import meta_validate, validation_objective
+
+    config = _config({"meta_steps": 6, "checkpoint_every": 2, "meta_lr": 3e-2, "selection": selection})
+    meta_train(config, tmp_path, progress=False)
+    checkpoints = [r for r in _records(tmp_path) if "meta_valid" in r]
+    assert [r["meta_step"] for r in checkpoints] == [2, 4, 6]
+    # the untrained reference is scored once and is what a fresh controller (the base schedule) scores
+    specs = MetaTrainer(config, tmp_path / "again", progress=False).valid_specs
+    untrained = meta_validate(build_controller(config.controller), specs, objective=validation_objective(config.meta))
+    assert [r["meta_valid_untrained"] for r in checkpoints] == [pytest.approx(untrained)] * 3
+    assert all(0 <= r["meta_valid_wins"] <= 1 for r in checkpoints)
+    rank = {"mean": lambda r: (r["meta_valid"],), "wins": lambda r: (-r["meta_valid_wins"], r["meta_valid"])}
+    first = min(checkpoints, key=rank[selection])  # min keeps the earliest of equal keys, as the trainer does
+    best = load_controller(tmp_path / "best.safetensors")
+    assert best.provenance["meta_steps"] == first["meta_step"]
+    assert best.provenance["meta_valid_wins"] == first["meta_valid_wins"]
+    chosen = load_controller(tmp_path / f"checkpoint-{first['meta_step']}.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), chosen.state_dict().values(), strict=True))
+
+
+def test_an_unknown_selection_is_a_recipe_error() -> None:
+    from metalr.meta.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match="unknown selection 'median'; expected one of \\['mean', 'wins'\\]"):
+        load_recipe("meta_train/demo-quick.yaml", ["meta.selection=median"])
