@@ -11,11 +11,18 @@ Scores use the recipe's meta-objective (its ``meta.objective_power``); ``--set``
 ``mean:A,B,...`` scores the controller whose weights are the mean of checkpoints A, B, ... (one run's last
 checkpoints: a test of whether averaging beats picking one on a noisy validation score). Each line also
 shows the per-task terms whose mean is the score, to see how much of a difference one task carries.
+``--sample-seed 1,2,3`` pools the samples of several seeds (e.g. the tasks a run was not selected on), and
+with ``untrained`` listed each other controller is compared with it task by task (tasks beaten, the median
+and mean difference): the research log's selection-noise table.
+
+    METALR_DATA_DIR=../shared/data OMP_NUM_THREADS=1 .venv/bin/python bench/meta_valid.py \
+        meta_train/adam-pes-long.yaml --sample-seed 0,1,2,3 untrained adam-cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +35,7 @@ from metalr.checkpoint import load_controller  # noqa: E402
 from metalr.controller import LRController  # noqa: E402
 from metalr.meta.recipe import load_recipe  # noqa: E402
 from metalr.meta.trainer import build_controller, train_entries  # noqa: E402
-from metalr.meta.validation import rollout_score, validation_objective  # noqa: E402
+from metalr.meta.validation import rollout_score, validation_objective, wins  # noqa: E402
 from metalr.tasks import load_suite  # noqa: E402
 from metalr.tasks.registry import sample_specs  # noqa: E402
 
@@ -46,31 +53,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("controllers", nargs="+", help="checkpoint paths or shipped names, or 'untrained'")
-    parser.add_argument("--sample-seed", type=int, default=0, help="the recipe seed whose meta-valid sample to use")
+    parser.add_argument(
+        "--sample-seed",
+        type=lambda text: [int(seed) for seed in text.split(",")],
+        default=[0],
+        help="the recipe seed whose meta-valid sample to use, or seeds A,B,C whose samples to pool",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. meta.objective_power=3"
     )
     args = parser.parse_args()
-    config = load_recipe(args.recipe, [f"seed={args.sample_seed}", *args.set])
-    specs = sample_specs(
-        train_entries(config, load_suite(config.suite).meta_valid), config.meta.valid_per_family, args.sample_seed + 1
-    )
-    print(f"meta-valid sample (recipe seed {args.sample_seed}): {', '.join(s.label for s in specs)}")
+    config = load_recipe(args.recipe, [f"seed={args.sample_seed[0]}", *args.set])
+    entries = train_entries(config, load_suite(config.suite).meta_valid)
+    specs = [spec for seed in args.sample_seed for spec in sample_specs(entries, config.meta.valid_per_family, seed + 1)]
+    print(f"meta-valid samples (recipe seeds {args.sample_seed}): {', '.join(s.label for s in specs)}")
+    scored: dict[str, list[float]] = {}
     for name in args.controllers:
         if name.startswith("mean:"):
             controller = averaged([load_controller(path) for path in name.removeprefix("mean:").split(",")])
         elif name == "untrained":
-            torch.manual_seed(args.sample_seed)  # as the trainer initialises it
+            torch.manual_seed(args.sample_seed[0])  # as the trainer initialises it
             controller = build_controller(config.controller)
         else:
             controller = load_controller(name)
         start = time.perf_counter()
         # meta_validate's mean, with its terms kept
-        terms = [rollout_score(controller, spec, objective=validation_objective(config.meta)) for spec in specs]
-        score = sum(terms) / len(terms)
+        terms = scored[name] = [rollout_score(controller, spec, objective=validation_objective(config.meta)) for spec in specs]
         per_task = " ".join(f"{t:+.3f}" for t in terms)
-        print(f"{name}: {score:.4f} [{per_task}] ({time.perf_counter() - start:.0f} s)", flush=True)
-
+        print(f"{name}: {sum(terms) / len(terms):.4f} [{per_task}] ({time.perf_counter() - start:.0f} s)", flush=True)
+    reference = scored.get("untrained")
+    for name, terms in scored.items():
+        if reference is not None and name != "untrained":
+            differences = [t - r for t, r in zip(terms, reference, strict=True)]
+            print(
+                f"{name} vs untrained: beats it on {round(wins(terms, reference) * len(terms))} of {len(terms)} tasks, "
+                f"difference median {statistics.median(differences):+.3f}, mean {statistics.mean(differences):+.3f}"
+            )
 
 if __name__ == "__main__":
     main()
