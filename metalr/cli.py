@@ -78,7 +78,13 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metalr.meta.recipe import load_recipe
     from metalr.meta.trainer import MetaTrainingError, meta_train
 
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     config = load_recipe(resolve_shipped("meta_train", args.recipe, UserError), args.overrides)  # every name checked before anything is on disk
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(config.out_dir) / config.name
     _fresh_dir(out, args.resume)
     args.continuation = _continuation(args, out)
@@ -232,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: <out_dir>/<name> from the recipe)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: torch's default, all cores); give 1 to each of several runs side by side "
+        "(two 2-thread PES runs on 2 cores take 3x as long as two 1-thread ones: BENCHMARKS.md)",
+    )
     p.set_defaults(func=cmd_meta_train)
 
     p = sub.add_parser("evaluate", help="run held-out tasks x methods x seeds and write a report")

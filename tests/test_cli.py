@@ -46,6 +46,7 @@ def test_methods_list(capsys: pytest.CaptureFixture[str]) -> None:
         (["meta-train", "missing.yaml"], "no meta-training recipe at 'missing.yaml': not a file, and not a shipped name"),
         (["meta-train", "meta_train/demo-quick.yaml", "meta.nope=1"], "unknown key meta.nope; allowed keys:"),
         (["meta-train", "meta_train/demo-quick.yaml", "suite=nowhere"], "no task suite at 'nowhere': not a file, and not a shipped name"),
+        (["meta-train", "meta_train/demo-quick.yaml", "--threads", "-1"], "--threads must be >= 0 (0: torch's default), got -1"),
         (["tasks", "show", "nope"], "unknown task family 'nope'"),
         (["tasks", "show", "wine_mlp", "--sample", "0"], "--sample must be a positive integer"),
         (["report", "/nonexistent"], "has no results.jsonl"),
@@ -76,6 +77,18 @@ def test_meta_train_writes_a_run_directory(tmp_path: Path, capsys: pytest.Captur
     assert records[-1]["meta_step"] == 3
     code, _, err = _run(["meta-train", str(ROOT / "meta_train" / "demo-quick.yaml"), "--out", str(out)], capsys)
     assert code == 2 and "is not empty" in err
+
+
+def test_meta_train_threads_sets_torch_threads(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # this test process keeps its own threads
+    argv = ["meta-train", str(ROOT / "meta_train" / "demo-quick.yaml"), "meta.meta_steps=1", "--no-progress"]
+    assert _run([*argv, "--out", str(tmp_path / "a"), "--threads", "1"], capsys)[0] == 0
+    assert calls == [1]
+    assert _run([*argv, "--out", str(tmp_path / "b")], capsys)[0] == 0
+    assert calls == [1], "without --threads torch keeps its default"
 
 
 def test_console_script_is_installed() -> None:
