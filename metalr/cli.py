@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="torch CPU threads (default 0: torch's default, all cores); give 1 to each of several runs side by side "
-        "(two 2-thread PES runs on 2 cores take 3x as long as two 1-thread ones: BENCHMARKS.md)",
+        "(two 2-thread PES runs on 2 cores take 3.5-4.4x as long as two 1-thread ones: BENCHMARKS.md)",
     )
     p.set_defaults(func=cmd_meta_train)
 
