@@ -35,7 +35,7 @@ from metalr.checkpoint import load_controller  # noqa: E402
 from metalr.controller import LRController  # noqa: E402
 from metalr.meta.recipe import load_recipe  # noqa: E402
 from metalr.meta.trainer import build_controller, train_entries  # noqa: E402
-from metalr.meta.validation import rollout_score, validation_objective, wins  # noqa: E402
+from metalr.meta.validation import mean_term, validation_objective, validation_terms, wins  # noqa: E402
 from metalr.tasks import load_suite  # noqa: E402
 from metalr.tasks.registry import sample_specs  # noqa: E402
 
@@ -77,10 +77,9 @@ def main() -> None:
         else:
             controller = load_controller(name)
         start = time.perf_counter()
-        # meta_validate's mean, with its terms kept
-        terms = scored[name] = [rollout_score(controller, spec, objective=validation_objective(config.meta)) for spec in specs]
+        terms = scored[name] = validation_terms(controller, specs, objective=validation_objective(config.meta))
         per_task = " ".join(f"{t:+.3f}" for t in terms)
-        print(f"{name}: {sum(terms) / len(terms):.4f} [{per_task}] ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{name}: {mean_term(terms):.4f} [{per_task}] ({time.perf_counter() - start:.0f} s)", flush=True)
     reference = scored.get("untrained")
     for name, terms in scored.items():
         if reference is not None and name != "untrained":

@@ -64,6 +64,7 @@ from metalr.meta.validation import (
     SELECTIONS,
     best_constant_lr,
     build_controller,
+    mean_term,
     meta_validate,
     rollout,
     rollout_score,
@@ -350,9 +351,9 @@ class MetaTrainer:
             self.reference_terms = validation_terms(untrained, self.valid_specs, self.device, objective)
         terms = validation_terms(self.controller, self.valid_specs, self.device, objective)
         scores = {
-            "meta_valid": sum(terms) / len(terms),
+            "meta_valid": mean_term(terms),
             "meta_valid_wins": wins(terms, self.reference_terms),
-            "meta_valid_untrained": sum(self.reference_terms) / len(self.reference_terms),
+            "meta_valid_untrained": mean_term(self.reference_terms),
         }
         key = list(SELECTIONS[self.meta.selection](terms, self.reference_terms))
         if not self.state.best or key < self.state.best:

@@ -65,10 +65,11 @@ def meta_validate(
     controller: LRController, specs: Sequence[TaskSpec], device: str = "cpu", objective: Objective = VALIDATION
 ) -> float:
     """Mean full-horizon meta-objective over validation tasks (lower is better)."""
-    return _mean(validation_terms(controller, specs, device, objective))
+    return mean_term(validation_terms(controller, specs, device, objective))
 
 
-def _mean(terms: Sequence[float]) -> float:
+def mean_term(terms: Sequence[float]) -> float:
+    """The meta-valid score: the mean of the per-task terms."""
     return sum(terms) / max(1, len(terms))
 
 
@@ -82,8 +83,8 @@ def wins(terms: Sequence[float], reference: Sequence[float]) -> float:
 # task with large log-ratios can decide (research log, selection noise); "wins" ranks by how many tasks beat
 # the base schedule at the same LR, the first controllers-v2 target, with the mean breaking ties.
 SELECTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], tuple[float, ...]]] = {
-    "mean": lambda terms, reference: (_mean(terms),),
-    "wins": lambda terms, reference: (-wins(terms, reference), _mean(terms)),
+    "mean": lambda terms, reference: (mean_term(terms),),
+    "wins": lambda terms, reference: (-wins(terms, reference), mean_term(terms)),
 }
 
 
